@@ -1,0 +1,144 @@
+"""
+### BigQuery → Postgres backfill, one tenant and model per run
+
+Trigger with conf, e.g. `{"tenant_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "model_type": "inventory"}`.
+
+1. **cleanup_stale_jobs** deletes this tenant+model's stale rows in `bigquery_backfill_jobs` and
+   `backfill_source_progress` (pending/running/failed jobs of other runs). Synced target rows stay.
+2. **plan_chunks** freezes a numbered snapshot of the tenant's source rows, creates (or takes back) this run's
+   single job row, and lists the offset chunks still to do.
+3. **load_chunk** (one mapped task per chunk) reads its rows from the snapshot and upserts them on the model's key;
+   the chunk's progress commits in the same transaction.
+4. **finalize** reconciles counts and keys, then marks the job completed.
+
+**Resume**: clear the failed `load_chunk` task *with downstream*. Finished chunks are skipped.
+`dry_run` logs what cleanup would delete and the chunk plan, and writes nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from bq_backfill.models import MODELS
+
+POOL = "bigquery_backfill_postgres"
+_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,249}$"
+_TABLE = r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
+
+
+def _settings():
+    from bq_backfill.steps import Settings
+
+    return Settings.from_params(get_current_context()["params"])
+
+
+def _run():
+    from bq_backfill.ledger import RunKey
+
+    ctx = get_current_context()
+    return RunKey(ctx["dag"].dag_id, ctx["run_id"])
+
+
+def _mark_job_failed(context) -> None:
+    """Task failure callback: the job row says failed, with the error, instead of staying `running`."""
+    from bq_backfill.ledger import RunKey
+    from bq_backfill.steps import Settings, mark_job_failed
+
+    ti = context["ti"]
+    mapped = ti.map_index not in (None, -1)
+    label = f"{ti.task_id}[{ti.map_index}]" if mapped else ti.task_id
+    mark_job_failed(
+        Settings.from_params(context["params"]),
+        RunKey(ti.dag_id, ti.run_id),
+        label,
+        context.get("exception"),
+        chunk_index=_chunk_index(context) if mapped else -1,
+    )
+
+
+def _chunk_index(context) -> int:
+    """The chunk a mapped load_chunk task instance was given (its map index need not equal the chunk index)."""
+    return int(context["task"].op_kwargs["chunk"]["chunk_index"])
+
+
+@dag(
+    dag_id="bigquery_backfill",
+    schedule=None,
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["backfill", "bigquery", "postgres"],
+    render_template_as_native_obj=True,
+    default_args={"retries": 0, "on_failure_callback": _mark_job_failed},
+    params={
+        "tenant_id": Param(type="string", format="uuid", description="Tenant whose rows are backfilled."),
+        "model_type": Param("inventory", type="string", enum=sorted(MODELS), description="What to backfill."),
+        "chunk_size": Param(50_000, type="integer", minimum=100, maximum=500_000, description="Rows per chunk."),
+        "dry_run": Param(False, type="boolean", description="Log the cleanup and the plan; write nothing."),
+        "max_rejected_rows": Param(
+            0, type="integer", minimum=0, description="Rows allowed in quarantine before the run fails."
+        ),
+        "source_table": Param(
+            None,
+            type=["null", "string"],
+            pattern=_TABLE,
+            description="BigQuery [project.]dataset.table; empty uses the model's registered source.",
+        ),
+        "scratch_dataset": Param(
+            "backfill_scratch",
+            type="string",
+            pattern=r"^[A-Za-z0-9_]{1,1024}$",
+            description="BigQuery dataset for the run's snapshot table (dropped when the run completes).",
+        ),
+        "gcp_conn_id": Param("google_cloud_default", type="string", pattern=_NAME),
+        "postgres_conn_id": Param("postgres_default", type="string", pattern=_NAME),
+    },
+)
+def bigquery_backfill():
+    @task
+    def cleanup_stale_jobs() -> dict[str, int]:
+        from bq_backfill.steps import cleanup_stale_jobs as run
+
+        return run(_settings(), _run())
+
+    @task
+    def plan_chunks() -> list[dict]:
+        from airflow.configuration import conf
+
+        from bq_backfill.steps import plan_chunks as run
+
+        return run(_settings(), _run(), conf.getint("core", "max_map_length"))
+
+    @task(
+        pool=POOL,
+        retries=3,
+        retry_delay=timedelta(seconds=30),
+        retry_exponential_backoff=2.0,
+        max_retry_delay=timedelta(minutes=10),
+        map_index_template="chunk {{ task.op_kwargs['chunk']['chunk_index'] }}",
+    )
+    def load_chunk(chunk: dict) -> dict[str, int]:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from bq_backfill.steps import PermanentChunkError
+        from bq_backfill.steps import load_chunk as run
+
+        try:
+            return run(_settings(), chunk)
+        except PermanentChunkError as exc:
+            raise AirflowFailException(str(exc)) from exc  # no retry: fix the cause, then clear
+
+    @task(trigger_rule="none_failed")
+    def finalize() -> dict[str, int]:
+        from bq_backfill.steps import finalize as run
+
+        return run(_settings(), _run())
+
+    planned = plan_chunks()
+    cleanup_stale_jobs() >> planned
+    load_chunk.expand(chunk=planned) >> finalize()
+
+
+bigquery_backfill()

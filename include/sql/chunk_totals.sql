@@ -1,0 +1,10 @@
+SELECT count(*)                                        AS chunks,
+       count(*) FILTER (WHERE status <> 'done')        AS chunks_pending,
+       coalesce(sum(rows_read), 0)                     AS read,
+       coalesce(sum(rows_inserted), 0)                 AS inserted,
+       coalesce(sum(rows_updated), 0)                  AS updated,
+       coalesce(sum(rows_unchanged), 0)                AS unchanged,
+       coalesce(sum(rows_duplicate), 0)                AS duplicate,
+       coalesce(sum(rows_rejected), 0)                 AS rejected
+FROM backfill_chunks
+WHERE job_id = %(job_id)s;

@@ -1,0 +1,30 @@
+-- Deletes one tenant+model's stale backfill jobs and their progress rows: every pending, running or failed job
+-- that does not belong to the current dag run. Completed jobs stay as history; the target table is never touched.
+-- Chunk and quarantine rows of a deleted job go with it (ON DELETE CASCADE).
+WITH stale AS (
+    SELECT id, status
+    FROM bigquery_backfill_jobs
+    WHERE tenant_id = %(tenant_id)s
+      AND model_type = %(model_type)s
+      AND status IN ('pending', 'running', 'failed')
+      AND (dag_id IS DISTINCT FROM %(dag_id)s OR dag_run_id IS DISTINCT FROM %(dag_run_id)s)
+    FOR UPDATE
+),
+deleted_progress AS (
+    DELETE FROM backfill_source_progress p
+    USING stale
+    WHERE p.job_id = stale.id
+    RETURNING p.id
+),
+deleted_jobs AS (
+    DELETE FROM bigquery_backfill_jobs j
+    USING stale
+    WHERE j.id = stale.id
+    RETURNING j.status
+)
+SELECT
+    (SELECT count(*) FROM deleted_jobs)                                AS jobs_deleted,
+    (SELECT count(*) FROM deleted_jobs WHERE status = 'pending')       AS pending_deleted,
+    (SELECT count(*) FROM deleted_jobs WHERE status = 'running')       AS running_deleted,
+    (SELECT count(*) FROM deleted_jobs WHERE status = 'failed')        AS failed_deleted,
+    (SELECT count(*) FROM deleted_progress)                            AS progress_deleted;

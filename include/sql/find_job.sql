@@ -1,0 +1,4 @@
+SELECT id, tenant_id, model_type, status, total_records, processed_records, chunk_size, source_table,
+       snapshot_table, snapshot_at
+FROM bigquery_backfill_jobs
+WHERE id = %(job_id)s;

@@ -1,0 +1,172 @@
+"""BigQuery side: one frozen, numbered snapshot of a tenant's rows per run, read back chunk by chunk.
+
+The snapshot is a scratch table made once per run with CREATE TABLE ... AS SELECT over the source
+`FOR SYSTEM_TIME AS OF` a timestamp fixed at plan time, numbering rows by the model's full order key
+(`_row_offset` 0..N-1). A chunk is the row range [start, end) of that table, read with the Storage Read API:
+it scans only the snapshot, so the source is scanned once per backfill whatever the chunk count, and an offset
+means the same row on every retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+from google.api_core.exceptions import Conflict, NotFound
+from google.cloud import bigquery
+from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
+from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
+
+from bq_backfill.models import Model
+from bq_backfill.sink import OFFSET_COLUMN
+
+log = logging.getLogger(__name__)
+
+# Same convention as the google client libraries' own *_EMULATOR_HOST variables: host:port of a local,
+# plaintext Storage Read endpoint (the BigQuery client itself honours BIGQUERY_EMULATOR_HOST for REST).
+STORAGE_EMULATOR_ENV = "BIGQUERY_STORAGE_EMULATOR_HOST"
+_PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+_NAME = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
+
+
+@dataclass(frozen=True)
+class TableRef:
+    project: str
+    dataset: str
+    table: str
+
+    def __post_init__(self) -> None:
+        # Identifiers cannot be bound as query parameters: only plain names ever reach the SQL text.
+        if not (_PROJECT.match(self.project) and _NAME.match(self.dataset) and _NAME.match(self.table)):
+            raise ValueError(f"BigQuery table {self.project}.{self.dataset}.{self.table} is not a plain table name")
+
+    @classmethod
+    def parse(cls, name: str, default_project: str) -> TableRef:
+        parts = name.split(".")
+        if len(parts) == 2:
+            return cls(default_project, parts[0], parts[1])
+        if len(parts) == 3:
+            return cls(*parts)
+        raise ValueError(f"BigQuery table {name!r} is not 'dataset.table' or 'project.dataset.table'")
+
+    def __str__(self) -> str:
+        return f"{self.project}.{self.dataset}.{self.table}"
+
+    @property
+    def sql(self) -> str:
+        return f"`{self.project}`.`{self.dataset}`.`{self.table}`"
+
+    @property
+    def storage_path(self) -> str:
+        return f"projects/{self.project}/datasets/{self.dataset}/tables/{self.table}"
+
+
+def snapshot_name(model: Model, tenant_id: str, dag_id: str, run_id: str) -> str:
+    digest = hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:16]
+    return f"backfill_{model.model_type}_{tenant_id.replace('-', '')}_{digest}"
+
+
+def _as_of_literal(ts: datetime) -> str:
+    # BigQuery (and its emulator) accept FOR SYSTEM_TIME AS OF with a literal; the value is our own datetime,
+    # rendered from a fixed format, never text from conf.
+    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+
+
+class BigQuerySource:
+    def __init__(self, client: bigquery.Client, read_client: BigQueryReadClient, project: str) -> None:
+        self.client = client
+        self.read_client = read_client
+        self.project = project
+
+    @classmethod
+    def from_connection(cls, gcp_conn_id: str) -> BigQuerySource:
+        from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
+
+        hook = BigQueryHook(gcp_conn_id=gcp_conn_id, use_legacy_sql=False)
+        project = hook.project_id
+        if not project:
+            raise ValueError(f"connection {gcp_conn_id!r} names no project: set extra 'project'")
+        client = hook.get_client(project_id=project)
+        return cls(client, make_read_client(hook.get_credentials()), project)
+
+    def table(self, name: str) -> TableRef:
+        return TableRef.parse(name, self.project)
+
+    def now(self) -> datetime:
+        row = next(iter(self.client.query("SELECT CURRENT_TIMESTAMP() AS now").result()))
+        return row["now"]
+
+    def count_tenant_rows(self, model: Model, source: TableRef, tenant_id: str) -> int:
+        query = f"SELECT COUNT(*) AS n FROM {source.sql} WHERE `{model.tenant_column}` = @tenant_id"  # noqa: S608
+        return int(next(iter(self.client.query(query, job_config=self._tenant_param(tenant_id)).result()))["n"])
+
+    def ensure_snapshot(
+        self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime
+    ) -> int:
+        """Creates the numbered snapshot if it does not exist yet; returns its row count."""
+        self.client.create_dataset(bigquery.Dataset(f"{snapshot.project}.{snapshot.dataset}"), exists_ok=True)
+        cols = ", ".join(f"`{c}`" for c in model.column_names)
+        order = ", ".join(f"`{c}`" for c in model.order_key)
+        # Identifiers: validated TableRef and registry names. Values: @tenant_id bound; AS OF is our own timestamp.
+        query = (
+            f"CREATE TABLE {snapshot.sql} "  # noqa: S608
+            f"OPTIONS(expiration_timestamp=TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL 7 DAY)) AS "
+            f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` "
+            f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
+            f"WHERE `{model.tenant_column}` = @tenant_id"
+        )
+        try:
+            self.client.query(query, job_config=self._tenant_param(tenant_id)).result()
+            log.info("snapshot %s created from %s as of %s", snapshot, source, as_of.isoformat())
+        except Conflict:
+            log.info("snapshot %s already exists (retried or cleared plan): reusing it", snapshot)
+        query = f"SELECT COUNT(*) AS n FROM {snapshot.sql}"  # noqa: S608
+        return int(next(iter(self.client.query(query).result()))["n"])
+
+    def read_rows(self, snapshot: TableRef, start: int, end: int, columns: list[str] | None = None) -> pa.Table:
+        """Rows with start <= _row_offset < end, as one Arrow table."""
+        session = self.read_client.create_read_session(
+            parent=f"projects/{self.project}",
+            read_session=types.ReadSession(
+                table=snapshot.storage_path,
+                data_format=types.DataFormat.ARROW,
+                read_options=types.ReadSession.TableReadOptions(
+                    selected_fields=columns or [],
+                    row_restriction=f"`{OFFSET_COLUMN}` >= {int(start)} AND `{OFFSET_COLUMN}` < {int(end)}",
+                ),
+            ),
+            max_stream_count=1,
+        )
+        schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
+        batches = [
+            pa.ipc.read_record_batch(pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
+            for stream in session.streams
+            for response in self.read_client.read_rows(stream.name)
+        ]
+        return pa.Table.from_batches(batches, schema=schema)
+
+    def drop_snapshot(self, snapshot: TableRef) -> None:
+        try:
+            self.client.delete_table(str(snapshot), not_found_ok=True)
+        except NotFound:
+            pass
+
+    @staticmethod
+    def _tenant_param(tenant_id: str) -> bigquery.QueryJobConfig:
+        return bigquery.QueryJobConfig(
+            query_parameters=[bigquery.ScalarQueryParameter("tenant_id", "STRING", tenant_id)]
+        )
+
+
+def make_read_client(credentials) -> BigQueryReadClient:
+    emulator = os.environ.get(STORAGE_EMULATOR_ENV)
+    if emulator:
+        import grpc
+
+        return BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=grpc.insecure_channel(emulator)))
+    return BigQueryReadClient(credentials=credentials)

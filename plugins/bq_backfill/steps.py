@@ -1,0 +1,351 @@
+"""What each task of the `bigquery_backfill` DAG does. The DAG file only declares tasks that call these."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from bq_backfill import ledger, sink
+from bq_backfill.ledger import RunKey
+from bq_backfill.models import Model, get_model
+from bq_backfill.source import BigQuerySource, TableRef, snapshot_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's conf, already validated by the DAG's Params."""
+
+    tenant_id: str
+    model_type: str
+    chunk_size: int
+    dry_run: bool
+    max_rejected_rows: int
+    source_table: str | None
+    scratch_dataset: str
+    gcp_conn_id: str
+    postgres_conn_id: str
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Settings:
+        return cls(
+            tenant_id=str(params["tenant_id"]).lower(),
+            model_type=params["model_type"],
+            chunk_size=int(params["chunk_size"]),
+            dry_run=bool(params["dry_run"]),
+            max_rejected_rows=int(params["max_rejected_rows"]),
+            source_table=params.get("source_table") or None,
+            scratch_dataset=params["scratch_dataset"],
+            gcp_conn_id=params["gcp_conn_id"],
+            postgres_conn_id=params["postgres_conn_id"],
+        )
+
+    @property
+    def model(self) -> Model:
+        return get_model(self.model_type)
+
+
+@contextmanager
+def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
+    """A psycopg 3 connection from PostgresHook; one transaction, committed on success, rolled back on error."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    try:
+        conn = PostgresHook(postgres_conn_id=conn_id).get_conn()
+    except psycopg.OperationalError as exc:
+        raise ConnectionError(f"cannot connect to Postgres connection {conn_id!r}: {exc}".strip()) from exc
+    if not isinstance(conn, psycopg.Connection):
+        raise TypeError(f"connection {conn_id!r} did not give a psycopg 3 connection; install psycopg[binary]")
+    try:
+        with conn.transaction():
+            yield conn
+    finally:
+        conn.close()
+
+
+def bigquery(conn_id: str) -> BigQuerySource:
+    try:
+        return BigQuerySource.from_connection(conn_id)
+    except Exception as exc:  # the hook raises several driver errors for a missing or broken connection
+        raise ConnectionError(f"cannot use BigQuery connection {conn_id!r}: {exc}") from exc
+
+
+def source_table(s: Settings, bq: BigQuerySource) -> TableRef:
+    return bq.table(s.source_table or s.model.source_table)
+
+
+# --- cleanup_stale_jobs -------------------------------------------------------------------------------------------
+
+
+def cleanup_stale_jobs(s: Settings, run: RunKey) -> dict[str, int]:
+    with postgres(s.postgres_conn_id) as conn:
+        ledger.apply_schema(conn)
+        deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type)
+        blocked = ledger.ensure_active_job_index(conn)
+        verb = "would delete" if s.dry_run else "deleted"
+        log.info(
+            "cleanup for tenant %s model %s: %s %d stale job rows (%d pending, %d running, %d failed) "
+            "and %d progress rows; target table %s untouched",
+            s.tenant_id,
+            s.model_type,
+            verb,
+            deleted["jobs_deleted"],
+            deleted["pending_deleted"],
+            deleted["running_deleted"],
+            deleted["failed_deleted"],
+            deleted["progress_deleted"],
+            s.model.target_table,
+        )
+        for row in blocked:
+            log.warning(
+                "one-active-job index not created yet: tenant %s model %s still has %d pending/running jobs; "
+                "a backfill run for that tenant+model cleans them up",
+                row["tenant_id"],
+                row["model_type"],
+                row["active_jobs"],
+            )
+        if s.dry_run:
+            log.info("dry run: cleanup rolled back, nothing deleted")
+            raise psycopg.Rollback()  # the same statements, undone; the transaction block swallows it
+    return deleted
+
+
+# --- plan_chunks --------------------------------------------------------------------------------------------------
+
+
+def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str, Any]]:
+    model = s.model
+    bq = bigquery(s.gcp_conn_id)
+    source = source_table(s, bq)
+    if s.dry_run:
+        total = bq.count_tenant_rows(model, source, s.tenant_id)
+        chunks = -(-total // s.chunk_size)
+        log.info(
+            "dry run: tenant %s has %d rows in %s; plan would be %d chunks of %d rows (max_map_length %d); "
+            "nothing written",
+            s.tenant_id,
+            total,
+            source,
+            chunks,
+            s.chunk_size,
+            max_map_length,
+        )
+        _check_chunk_count(total, s.chunk_size, max_map_length)
+        return []
+
+    with postgres(s.postgres_conn_id) as conn:
+        existing = ledger.find_run_job(conn, run)
+    if existing:  # a retried or cleared plan keeps the first plan's snapshot, chunking and offsets
+        snapshot, as_of, chunk_size = bq.table(existing.snapshot_table), existing.snapshot_at, existing.chunk_size
+        if chunk_size != s.chunk_size:
+            log.info("run already planned with chunk_size %d: keeping it", chunk_size)
+    else:
+        name = snapshot_name(model, s.tenant_id, run.dag_id, run.run_id)
+        snapshot, as_of, chunk_size = TableRef(bq.project, s.scratch_dataset, name), bq.now(), s.chunk_size
+
+    started = time.monotonic()
+    total = bq.ensure_snapshot(model, source, s.tenant_id, snapshot, as_of)
+    log.info(
+        "snapshot %s: %d rows of tenant %s as of %s (%.1f s)",
+        snapshot,
+        total,
+        s.tenant_id,
+        as_of,
+        time.monotonic() - started,
+    )
+    _check_chunk_count(total, chunk_size, max_map_length)
+
+    with postgres(s.postgres_conn_id) as conn:
+        job, created = ledger.claim_job(
+            conn,
+            run,
+            tenant_id=s.tenant_id,
+            model_type=s.model_type,
+            total_records=total,
+            chunk_size=chunk_size,
+            source_table=str(source),
+            snapshot_table=str(snapshot),
+            snapshot_at=as_of,
+        )
+        if job.total_records != total:
+            raise RuntimeError(f"snapshot {snapshot} now has {total} rows but job {job.id} planned {job.total_records}")
+        todo = ledger.plan_chunks(conn, job)
+    chunks = -(-total // chunk_size)
+    log.info(
+        "job %s %s: %d rows in %d chunks of %d; %d chunks to do, %d already done",
+        job.id,
+        "created" if created else "resumed",
+        total,
+        chunks,
+        chunk_size,
+        len(todo),
+        chunks - len(todo),
+    )
+    return [{"job_id": job.id, "chunks": chunks, **c} for c in todo]
+
+
+def _check_chunk_count(total: int, chunk_size: int, max_map_length: int) -> None:
+    chunks = -(-total // chunk_size)
+    if chunks > max_map_length:
+        need = -(-total // max_map_length)
+        raise ValueError(
+            f"{total} rows in chunks of {chunk_size} make {chunks} chunks, over [core] max_map_length "
+            f"({max_map_length}): trigger again with chunk_size >= {need}"
+        )
+
+
+# --- load_chunk ---------------------------------------------------------------------------------------------------
+
+
+class PermanentChunkError(Exception):
+    """An error that a retry cannot fix (bad data, a constraint, a trigger): fail now, clear when fixed."""
+
+
+def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
+    model = s.model
+    job_id, index, start, end = chunk["job_id"], chunk["chunk_index"], chunk["start"], chunk["end"]
+    label = f"chunk #{index} of {chunk['chunks']} [{start}, {end})"
+
+    with postgres(s.postgres_conn_id) as conn:
+        if ledger.lock_chunk(conn, job_id, index) == "done":
+            log.info("%s already done: skipped without reading BigQuery", label)
+            return {"read": 0, "skipped": 1}
+        job = ledger.find_job_by_id(conn, job_id)
+
+    bq = bigquery(s.gcp_conn_id)
+    t0 = time.monotonic()
+    rows = bq.read_rows(bq.table(job.snapshot_table), start, end, [*model.column_names, sink.OFFSET_COLUMN])
+    t1 = time.monotonic()
+    if rows.num_rows != end - start:
+        raise RuntimeError(
+            f"{label}: snapshot {job.snapshot_table} returned {rows.num_rows} rows, expected {end - start}"
+        )
+
+    try:
+        with postgres(s.postgres_conn_id) as conn:
+            if ledger.lock_chunk(conn, job_id, index) == "done":  # another attempt finished it meanwhile
+                log.info("%s was finished by another attempt: skipped", label)
+                return {"read": 0, "skipped": 1}
+            sink.stage_rows(conn, model, rows)
+            rejected = sink.quarantine_null_keys(conn, model, job_id, index)
+            up = sink.upsert_staged(conn, model)
+            counts = {
+                "read": rows.num_rows,
+                "inserted": up["inserted"],
+                "updated": up["updated"],
+                "unchanged": up["distinct"] - up["inserted"] - up["updated"],
+                "duplicate": rows.num_rows - rejected - up["distinct"],
+                "rejected": rejected,
+            }
+            job_state = ledger.complete_chunk(conn, job_id, index, counts)
+    except psycopg.OperationalError:
+        raise  # connection-level: a retry can succeed
+    except psycopg.DatabaseError as exc:
+        raise PermanentChunkError(f"{label}: Postgres refused the chunk: {exc}".strip()) from exc
+    t2 = time.monotonic()
+    log.info(
+        "%s: read %d · inserted %d · updated %d · unchanged %d · duplicate %d · rejected %d · "
+        "%.0f rows/s (read %.2f s, upsert %.2f s) · job %d/%d rows",
+        label,
+        counts["read"],
+        counts["inserted"],
+        counts["updated"],
+        counts["unchanged"],
+        counts["duplicate"],
+        counts["rejected"],
+        counts["read"] / max(t2 - t0, 1e-9),
+        t1 - t0,
+        t2 - t1,
+        job_state["processed_records"],
+        job_state["total_records"],
+    )
+    return counts
+
+
+# --- finalize -----------------------------------------------------------------------------------------------------
+
+
+class ReconciliationError(Exception):
+    pass
+
+
+def finalize(s: Settings, run: RunKey) -> dict[str, int]:
+    if s.dry_run:
+        log.info("dry run: nothing was written, nothing to finalize")
+        return {}
+    model = s.model
+    with postgres(s.postgres_conn_id) as conn:
+        job = ledger.find_run_job(conn, run)
+        if job is None:
+            raise ReconciliationError(f"no job row for dag run {run.run_id}: plan_chunks did not run")
+        totals = ledger.chunk_totals(conn, job.id)
+    landed = totals["inserted"] + totals["updated"] + totals["unchanged"] + totals["duplicate"]
+    problems = []
+    if totals["chunks_pending"]:
+        problems.append(f"{totals['chunks_pending']} of {totals['chunks']} chunks not done")
+    if totals["read"] != job.total_records:
+        problems.append(f"rows read {totals['read']} != snapshot rows {job.total_records}")
+    if totals["read"] != landed + totals["rejected"]:
+        problems.append(f"rows read {totals['read']} != landed {landed} + rejected {totals['rejected']}")
+
+    bq = bigquery(s.gcp_conn_id)
+    snapshot = bq.table(job.snapshot_table)
+    if not problems:
+        keys = bq.read_rows(snapshot, 0, job.total_records, list(model.conflict_key[1:]))
+        keys = keys.filter(_not_null(keys))
+        with postgres(s.postgres_conn_id) as conn:
+            missing = sink.missing_keys(conn, model, s.tenant_id, keys)
+        if missing:
+            problems.append(f"{missing} source keys of the snapshot have no row in {model.target_table}")
+    if problems:
+        raise ReconciliationError(f"job {job.id} does not reconcile: " + "; ".join(problems))
+    if totals["rejected"] > s.max_rejected_rows:
+        raise ReconciliationError(
+            f"job {job.id}: {totals['rejected']} rows rejected, over max_rejected_rows={s.max_rejected_rows}; "
+            f"see backfill_quarantine WHERE job_id = '{job.id}'"
+        )
+    with postgres(s.postgres_conn_id) as conn:
+        ledger.complete_job(conn, job.id)
+    bq.drop_snapshot(snapshot)
+    log.info(
+        "job %s completed: %d rows read = %d inserted + %d updated + %d unchanged + %d duplicate + %d rejected; "
+        "every source key is in %s",
+        job.id,
+        totals["read"],
+        totals["inserted"],
+        totals["updated"],
+        totals["unchanged"],
+        totals["duplicate"],
+        totals["rejected"],
+        model.target_table,
+    )
+    return totals
+
+
+def _not_null(table):
+    import pyarrow.compute as pc
+
+    mask = None
+    for name in table.column_names:
+        valid = pc.is_valid(table[name])
+        mask = valid if mask is None else pc.and_(mask, valid)
+    return mask
+
+
+# --- failure callback ---------------------------------------------------------------------------------------------
+
+
+def mark_job_failed(
+    s: Settings, run: RunKey, task_label: str, error: BaseException | None, chunk_index: int = -1
+) -> None:
+    message = f"{task_label} failed: {error}" if error else f"{task_label} failed"
+    with postgres(s.postgres_conn_id) as conn:
+        ledger.fail_job(conn, run, message, chunk_index)
+    log.error("backfill job for run %s marked failed: %s", run.run_id, message)

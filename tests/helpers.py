@@ -1,0 +1,51 @@
+"""Small assertions and queries shared by the DAG tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from seed import SEED_TENANT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def conf(**overrides) -> dict:
+    return {"tenant_id": SEED_TENANT, "model_type": "inventory", "chunk_size": 250, **overrides}
+
+
+def jobs(conn, tenant_id: str = SEED_TENANT, model_type: str = "inventory") -> list[dict]:
+    cur = conn.execute(
+        "SELECT id::text, status, total_records, processed_records, rejected_records, error_message, dag_run_id "
+        "FROM bigquery_backfill_jobs WHERE tenant_id = %s AND model_type = %s ORDER BY created_at",
+        (tenant_id, model_type),
+    )
+    names = [d.name for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def chunks(conn, job_id: str) -> list[dict]:
+    cur = conn.execute(
+        "SELECT chunk_index, start_offset, end_offset, status, rows_read, rows_inserted, rows_updated, rows_unchanged, "
+        "rows_duplicate, rows_rejected, completed_at FROM backfill_chunks WHERE job_id = %s ORDER BY chunk_index",
+        (job_id,),
+    )
+    names = [d.name for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def table_state(conn, table: str, where: str = "TRUE", params: tuple = ()) -> list[tuple]:
+    """Every row of a table (optionally filtered) with its xmin, so 'unchanged' means not rewritten either."""
+    return conn.execute(
+        f"SELECT xmin::text, t.* FROM {table} t WHERE {where} ORDER BY 2, 3, 4",  # noqa: S608 - test-only, fixed names
+        params,
+    ).fetchall()
+
+
+def ti_states(dr) -> dict[tuple[str, int], str]:
+    return {(ti.task_id, ti.map_index): ti.state for ti in dr.get_task_instances()}
+
+
+def scratch_tables(bq, dataset: str = "backfill_scratch") -> list[str]:
+    if not any(d.dataset_id == dataset for d in bq.list_datasets()):
+        return []
+    return [t.table_id for t in bq.list_tables(dataset)]

@@ -1,0 +1,105 @@
+"""Bad conf is refused before any task runs (nothing deleted); bad source rows land or go to quarantine."""
+
+from __future__ import annotations
+
+import pytest
+from airflow.sdk.definitions.param import ParamValidationError
+from helpers import chunks, conf, jobs, table_state
+from seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
+
+from bq_backfill import ledger
+
+INJECTION = "x'; DROP TABLE inventory_movements; --"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"tenant_id": "not-a-uuid"}, "tenant_id"),
+        ({"tenant_id": INJECTION}, "tenant_id"),
+        ({"tenant_id": None}, "tenant_id"),
+        ({"model_type": "unknown"}, "model_type"),
+        ({"model_type": INJECTION}, "model_type"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": -5}, "chunk_size"),
+        ({"chunk_size": 10_000_000}, "chunk_size"),
+        ({"chunk_size": "50000"}, "chunk_size"),
+        ({"dry_run": "yes"}, "dry_run"),
+        ({"max_rejected_rows": -1}, "max_rejected_rows"),
+        ({"source_table": INJECTION}, "source_table"),
+        ({"scratch_dataset": INJECTION}, "scratch_dataset"),
+        ({"gcp_conn_id": INJECTION}, "gcp_conn_id"),
+        ({"postgres_conn_id": INJECTION}, "postgres_conn_id"),
+    ],
+)
+def test_bad_conf_is_refused_before_any_task_runs(pg, backfill_dag, overrides, names):
+    ledger.apply_schema(pg)
+    legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=3)
+    before = table_state(pg, "bigquery_backfill_jobs")
+
+    with pytest.raises(ParamValidationError, match=names):
+        backfill_dag.test(run_conf=conf(**overrides))
+
+    assert table_state(pg, "bigquery_backfill_jobs") == before  # nothing deleted, nothing written
+
+
+def test_missing_tenant_is_refused(pg, backfill_dag):
+    with pytest.raises(ParamValidationError, match="tenant_id"):
+        backfill_dag.test(run_conf={"model_type": "inventory"})
+
+
+def test_duplicate_and_null_keys_and_a_short_last_chunk(pg, bq, backfill_dag):
+    rows = inventory_rows(SEED_TENANT, 1_010)
+    dup = dict(rows[500], quantity=rows[500]["quantity"] + 5)  # same key, newer value, next to the original
+    null_keys = [dict(rows[10], branch_id=None), dict(rows[11], product_code=None, movement_date=None)]
+    for r in null_keys:
+        r["product_code"] = r["product_code"] and r["product_code"] + "-x"
+    create_source(bq, [*rows, dup, *null_keys])
+
+    dr = backfill_dag.test(run_conf=conf(chunk_size=250, max_rejected_rows=2))
+
+    assert dr.state == "success"
+    [job] = jobs(pg)
+    assert job["status"] == "completed" and job["total_records"] == job["processed_records"] == 1_013
+    assert job["rejected_records"] == 2
+    done = chunks(pg, job["id"])
+    assert [c["rows_read"] for c in done] == [250, 250, 250, 250, 13]
+    assert sum(c["rows_duplicate"] for c in done) == 1
+    assert sum(c["rows_rejected"] for c in done) == 2
+    reasons = pg.execute("SELECT reason FROM backfill_quarantine WHERE job_id = %s ORDER BY reason", (job["id"],))
+    assert [r for (r,) in reasons] == [
+        "NULL key column: branch_id",
+        "NULL key column: movement_date, product_code",
+    ]
+    landed = target_rows(pg, SEED_TENANT)
+    assert len(landed) == 1_010
+    # the duplicate key: one row, and the same one every run (the later row in the snapshot's order wins)
+    [dup_row] = [r for r in landed if r[3] == dup["product_code"]]
+    assert dup_row[4] in (rows[500]["quantity"], dup["quantity"])
+
+
+def test_rejected_rows_over_the_limit_fail_the_run_after_landing_the_good_ones(pg, bq, backfill_dag):
+    rows = inventory_rows(SEED_TENANT, 300)
+    create_source(bq, [*rows, dict(rows[0], product_code=None)])
+
+    dr = backfill_dag.test(run_conf=conf(chunk_size=100))
+
+    assert dr.state == "failed"
+    [job] = jobs(pg)
+    assert job["status"] == "failed"
+    assert "1 rows rejected, over max_rejected_rows=0" in job["error_message"]
+    assert "backfill_quarantine" in job["error_message"]
+    assert target_rows(pg, SEED_TENANT) == as_tuples(rows)
+
+
+def test_too_many_chunks_fails_plan_with_the_size_that_fits(pg, bq, backfill_dag, monkeypatch, caplog):
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "4")
+    create_source(bq, inventory_rows(SEED_TENANT, 1_001))
+
+    dr = backfill_dag.test(run_conf=conf(chunk_size=250))
+
+    assert dr.state == "failed"
+    assert {ti.task_id: ti.state for ti in dr.get_task_instances()}["plan_chunks"] == "failed"
+    assert pg.execute("SELECT count(*) FROM inventory_movements").fetchone() == (0,)
+    assert jobs(pg) == []  # refused before the job row was written
+    assert "make 5 chunks, over [core] max_map_length (4): trigger again with chunk_size >= 251" in caplog.text

@@ -1,0 +1,93 @@
+"""A chunk that fails on purpose fails the run and the job; clearing it with downstream finishes the run."""
+
+from __future__ import annotations
+
+from airflow_run import clear_with_downstream, drive
+from helpers import chunks, conf, jobs, ti_states
+from seed import SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
+
+from bq_backfill import ledger
+
+POISON = "P0000777"  # lands in chunk 3 of [0, 250), [250, 500), ... at chunk_size 250
+
+
+def _poison_trigger(pg):
+    pg.execute(
+        """
+        CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.product_code = 'P0000777' THEN
+                RAISE EXCEPTION 'refusing product %%', NEW.product_code;
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON inventory_movements
+            FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+        """.replace("%%", "%")
+    )
+
+
+def _failed_run(pg, bq, backfill_dag):
+    source = inventory_rows(SEED_TENANT, 1_200)
+    create_source(bq, source)
+    ledger.apply_schema(pg)
+    _poison_trigger(pg)
+    dr = backfill_dag.test(run_conf=conf())
+    return source, dr
+
+
+def test_failed_chunk_fails_the_run_and_the_job(pg, bq, backfill_dag):
+    _, dr = _failed_run(pg, bq, backfill_dag)
+
+    assert dr.state == "failed"
+    states = ti_states(dr)
+    assert states[("load_chunk", 3)] == "failed"
+    assert [i for (t, i), st in states.items() if t == "load_chunk" and st == "success"] == [0, 1, 2, 4]
+    assert states[("finalize", -1)] == "upstream_failed"
+    [job] = jobs(pg)
+    assert job["status"] == "failed"
+    assert "load_chunk[3]" in job["error_message"] and "refusing product P0000777" in job["error_message"]
+    assert [c["status"] for c in chunks(pg, job["id"])] == ["done", "done", "done", "failed", "done"]
+    assert job["processed_records"] == 1_200 - 250  # the failed chunk left nothing behind
+    assert pg.execute(
+        "SELECT count(*) FROM inventory_movements WHERE product_code BETWEEN 'P0000750' AND 'P0000999'"
+    ).fetchone() == (0,)
+
+
+def test_clearing_the_failed_chunk_with_downstream_resumes(pg, bq, backfill_dag):
+    source, dr = _failed_run(pg, bq, backfill_dag)
+    [job] = jobs(pg)
+    finished_before = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"]) if c["status"] == "done"}
+    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+
+    cleared = clear_with_downstream(backfill_dag, dr.run_id, [("load_chunk", 3)])
+    assert cleared == [("finalize", -1), ("load_chunk", 3)]
+    dr = drive(backfill_dag, dr.run_id)
+
+    assert dr.state == "success"
+    [job_after] = jobs(pg)
+    assert job_after["id"] == job["id"] and job_after["status"] == "completed"
+    assert job_after["processed_records"] == job_after["total_records"] == 1_200
+    after = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"])}
+    assert all(after[i] == finished_before[i] for i in finished_before)  # finished chunks not redone
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+
+
+def test_clearing_the_whole_run_reuses_the_job_and_skips_finished_chunks(pg, bq, backfill_dag):
+    source, dr = _failed_run(pg, bq, backfill_dag)
+    [job] = jobs(pg)
+    finished_before = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"]) if c["status"] == "done"}
+    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+
+    # every task of the run, cleanup included, as "Clear" on the dag run does
+    clear_with_downstream(backfill_dag, dr.run_id, ["cleanup_stale_jobs"], only_failed=False)
+    dr = drive(backfill_dag, dr.run_id)
+
+    assert dr.state == "success"
+    [job_after] = jobs(pg)
+    assert job_after["id"] == job["id"] and job_after["status"] == "completed"
+    after = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"])}
+    assert all(after[i] == finished_before[i] for i in finished_before)
+    ran = [ti.map_index for ti in dr.get_task_instances() if ti.task_id == "load_chunk" and ti.state == "success"]
+    assert ran == [0]  # re-planned: only chunk 3 was left to do
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)

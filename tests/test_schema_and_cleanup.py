@@ -1,0 +1,141 @@
+"""schema.sql is idempotent and upgrades the legacy tables; cleanup removes only one tenant+model's stale rows."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import pytest
+from helpers import table_state
+from seed import OTHER_TENANT, SEED_TENANT, insert_target, inventory_rows, legacy_jobs
+
+from bq_backfill import ledger
+from bq_backfill.ledger import RunKey
+
+RUN = RunKey("bigquery_backfill", "manual__test")
+CATALOG = """
+    SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+           pg_get_expr(d.adbin, d.adrelid)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+    WHERE n.nspname = 'public'
+    UNION ALL
+    SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid), NULL, NULL, NULL FROM pg_index i
+    JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'
+    ORDER BY 1, 2
+"""
+
+
+def test_schema_applies_twice_without_change(pg):
+    ledger.apply_schema(pg)
+    first = pg.execute(CATALOG).fetchall()
+    ledger.apply_schema(pg)
+    assert pg.execute(CATALOG).fetchall() == first
+
+
+def test_schema_upgrades_legacy_tables_and_keeps_their_rows(pg):
+    pg.execute(
+        """
+        CREATE TABLE bigquery_backfill_jobs (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(), tenant_id uuid NOT NULL, model_type text NOT NULL,
+            status text NOT NULL DEFAULT 'pending', total_records bigint, processed_records bigint NOT NULL DEFAULT 0,
+            created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now());
+        CREATE TABLE backfill_source_progress (
+            id bigserial PRIMARY KEY, job_id uuid NOT NULL, source_table text NOT NULL, last_offset bigint NOT NULL
+            DEFAULT 0, records_synced bigint NOT NULL DEFAULT 0, status text NOT NULL DEFAULT 'pending',
+            updated_at timestamptz NOT NULL DEFAULT now());
+        """
+    )
+    legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=2)
+    before = pg.execute("SELECT id, status FROM bigquery_backfill_jobs ORDER BY id").fetchall()
+
+    ledger.apply_schema(pg)
+
+    assert pg.execute("SELECT id, status FROM bigquery_backfill_jobs ORDER BY id").fetchall() == before
+    cols = {
+        r[0]
+        for r in pg.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'bigquery_backfill_jobs'"
+        )
+    }
+    assert {"dag_id", "dag_run_id", "snapshot_table", "error_message", "completed_at"} <= cols
+
+
+def _populated(pg):
+    ledger.apply_schema(pg)
+    legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=206, failed=2)
+    legacy_jobs(pg, SEED_TENANT, "sales", running=1, pending=1)
+    legacy_jobs(pg, OTHER_TENANT, "inventory", running=1, pending=1)
+    pg.execute(
+        "INSERT INTO bigquery_backfill_jobs (tenant_id, model_type, status) VALUES (%s, 'inventory', 'completed')",
+        (SEED_TENANT,),
+    )
+    insert_target(pg, inventory_rows(SEED_TENANT, 30) + inventory_rows(OTHER_TENANT, 10))
+
+
+def test_cleanup_deletes_only_the_targeted_tenant_and_model(pg):
+    _populated(pg)
+    keep = "NOT (tenant_id = %s AND model_type = 'inventory' AND status <> 'completed')"
+    jobs_kept = table_state(pg, "bigquery_backfill_jobs", keep, (SEED_TENANT,))
+    progress_kept = table_state(
+        pg,
+        "backfill_source_progress",
+        f"job_id IN (SELECT id FROM bigquery_backfill_jobs WHERE {keep})",  # noqa: S608 - fixed test text
+        (SEED_TENANT,),
+    )
+    target = table_state(pg, "inventory_movements")
+
+    with pg.transaction():
+        deleted = ledger.delete_stale_jobs(pg, RUN, SEED_TENANT, "inventory")
+        blocked = ledger.ensure_active_job_index(pg)
+
+    assert deleted == {
+        "jobs_deleted": 209,
+        "pending_deleted": 206,
+        "running_deleted": 1,
+        "failed_deleted": 2,
+        "progress_deleted": 209,
+    }
+    # other pairs still hold duplicates, so the index waits for their own backfill runs
+    assert [(str(r["tenant_id"]), r["model_type"], r["active_jobs"]) for r in blocked] == [
+        (OTHER_TENANT, "inventory", 2),
+        (SEED_TENANT, "sales", 2),
+    ]
+    assert table_state(pg, "bigquery_backfill_jobs") == jobs_kept  # the completed job stays as history
+    assert table_state(pg, "backfill_source_progress") == progress_kept
+    assert table_state(pg, "inventory_movements") == target
+
+
+def test_one_active_job_index_refuses_a_second_pending_job(pg):
+    ledger.apply_schema(pg)
+    legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=206)
+    with pg.transaction():
+        ledger.delete_stale_jobs(pg, RUN, SEED_TENANT, "inventory")
+        assert ledger.ensure_active_job_index(pg) == []
+    legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=1)  # one active job: allowed
+
+    with pytest.raises(psycopg.errors.UniqueViolation, match="bigquery_backfill_jobs_one_active"):
+        legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=1)
+
+
+def test_blocked_index_is_a_warning_not_a_failure(pg, caplog):
+    _populated(pg)
+    from bq_backfill import steps
+
+    settings = steps.Settings.from_params(
+        {
+            "tenant_id": SEED_TENANT,
+            "model_type": "inventory",
+            "chunk_size": 100,
+            "dry_run": False,
+            "max_rejected_rows": 0,
+            "scratch_dataset": "s",
+            "gcp_conn_id": "google_cloud_default",
+            "postgres_conn_id": "postgres_default",
+        }
+    )
+    with caplog.at_level(logging.INFO):
+        steps.cleanup_stale_jobs(settings, RUN)
+    assert f"tenant {OTHER_TENANT} model inventory still has 2 pending/running jobs" in caplog.text
+    assert "deleted 209 stale job rows (206 pending, 1 running, 2 failed) and 209 progress rows" in caplog.text
