@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from airflow_run import clear_with_downstream, drive
 from helpers import chunks, conf, jobs, ti_states
+from psycopg import sql
 from seed import SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
 
 from bq_backfill import ledger
@@ -11,19 +12,24 @@ from bq_backfill import ledger
 POISON = "P0000777"  # lands in chunk 3 of [0, 250), [250, 500), ... at chunk_size 250
 
 
-def _poison_trigger(pg):
+def poison_trigger(pg, product_code: str = POISON) -> None:
+    """A trigger that refuses one product: the chunk holding it fails with a database error, every time."""
     pg.execute(
         """
         CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            IF NEW.product_code = 'P0000777' THEN
-                RAISE EXCEPTION 'refusing product %%', NEW.product_code;
+            IF NEW.product_code = TG_ARGV[0] THEN
+                RAISE EXCEPTION 'refusing product %', NEW.product_code;
             END IF;
             RETURN NEW;
         END $$;
-        CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON inventory_movements
-            FOR EACH ROW EXECUTE FUNCTION refuse_poison();
-        """.replace("%%", "%")
+        """
+    )
+    pg.execute(
+        sql.SQL(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON inventory_movements "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_poison({})"
+        ).format(sql.Literal(product_code))
     )
 
 
@@ -31,7 +37,7 @@ def _failed_run(pg, bq, backfill_dag):
     source = inventory_rows(SEED_TENANT, 1_200)
     create_source(bq, source)
     ledger.apply_schema(pg)
-    _poison_trigger(pg)
+    poison_trigger(pg)
     dr = backfill_dag.test(run_conf=conf())
     return source, dr
 

@@ -1,0 +1,100 @@
+"""End to end under a real scheduler: trigger through the REST API, fail a chunk, clear it with downstream,
+and two triggers at once. api-server + scheduler + dag-processor run on 127.0.0.1 and are stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+
+import psycopg
+import pytest
+from airflow_stack import airflow_stack
+from conftest import PG_DSN, TEST_DSN, _free_port
+from helpers import chunks, conf, jobs
+from seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
+from test_resume import POISON, poison_trigger
+
+from bq_backfill import ledger
+
+DAG = "bigquery_backfill"
+ACTIVE = (
+    "SELECT count(*) FROM bigquery_backfill_jobs "
+    "WHERE tenant_id = %s AND model_type = 'inventory' AND status IN ('pending', 'running')"
+)
+
+
+@pytest.fixture
+def stack(tmp_path, bq_emulator, pg_server):
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AIRFLOW_CONN_", "BIGQUERY_"))}
+    meta = PG_DSN.rsplit("/", 1)[0] + f"/bq_backfill_airflow_{os.getpid()}"
+    with airflow_stack(tmp_path, _free_port(), meta, env) as running:
+        running.wait_for_dag(DAG)
+        yield running
+
+
+def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, bq, stack):
+    source = inventory_rows(SEED_TENANT, 3_000)
+    create_source(bq, source)
+    ledger.apply_schema(pg)
+    legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=206)
+    poison_trigger(pg, product_code=POISON)  # chunk 1 of [0, 500), [500, 1000), ...
+    run_conf = conf(chunk_size=500)
+    watch = psycopg.connect(TEST_DSN, autocommit=True)
+    most_active = 0
+
+    def probe() -> None:
+        nonlocal most_active
+        most_active = max(most_active, watch.execute(ACTIVE, (SEED_TENANT,)).fetchone()[0])
+
+    # 1. a chunk fails: the run fails, the job says failed, the other chunks are done
+    run_a = stack.trigger(DAG, run_conf)
+    assert stack.wait_run(DAG, run_a) == "failed"
+    probe()  # from here on (the 207 legacy jobs are gone) at most one job may be pending/running
+    states = stack.task_states(DAG, run_a)
+    assert states[("load_chunk", 1)] == "failed" and states[("finalize", -1)] == "upstream_failed"
+    [job] = jobs(pg)
+    assert job["status"] == "failed" and "refusing product" in job["error_message"]
+    done_before = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"]) if c["status"] == "done"}
+    assert sorted(done_before) == [0, 2, 3, 4, 5]
+
+    # 2. fix the cause, clear the failed chunk with downstream through the REST API: the run finishes
+    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+    cleared = stack.api(
+        "POST",
+        f"/dags/{DAG}/clearTaskInstances",
+        json={
+            "dry_run": False,
+            "dag_run_id": run_a,
+            "task_ids": [["load_chunk", 1]],
+            "only_failed": True,
+            "include_downstream": True,
+        },
+    )
+    assert sorted((t["task_id"], t["map_index"]) for t in cleared["task_instances"]) == [
+        ("finalize", -1),
+        ("load_chunk", 1),
+    ]
+    assert stack.wait_run(DAG, run_a, probe=probe) == "success"
+    [job] = jobs(pg)
+    assert job["status"] == "completed" and job["processed_records"] == job["total_records"] == 3_000
+    after = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"])}
+    assert all(after[i] == done_before[i] for i in done_before)  # finished chunks were not redone
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+
+    # 3. two triggers at once: the second waits queued until the first ends; never two active jobs
+    run_b, run_c = stack.trigger(DAG, run_conf), stack.trigger(DAG, run_conf)
+    seen_c_queued_while_b_running = False
+
+    def probe_both() -> None:
+        nonlocal seen_c_queued_while_b_running
+        probe()
+        if stack.run_state(DAG, run_b) == "running" and stack.run_state(DAG, run_c) == "queued":
+            seen_c_queued_while_b_running = True
+        assert not (stack.run_state(DAG, run_b) == "running" and stack.run_state(DAG, run_c) == "running")
+
+    assert stack.wait_run(DAG, run_b, probe=probe_both) == "success"
+    assert stack.wait_run(DAG, run_c, probe=probe) == "success"
+    assert seen_c_queued_while_b_running
+    assert most_active == 1
+    assert [j["status"] for j in jobs(pg)] == ["completed"] * 3  # one per run, none left pending or running
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+    watch.close()
