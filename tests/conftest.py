@@ -1,37 +1,22 @@
 """Real services for the tests: a PostgreSQL server, the BigQuery emulator, and an Airflow home on SQLite.
 
-Airflow reads its configuration at import time, so the environment is set here, before anything imports it.
+Airflow reads its configuration at import time, so that part of the environment is set here, before anything
+imports it. Connections are environment variables too, set once the services are up (read at use time).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = "backfill-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _HOME = Path(tempfile.mkdtemp(prefix="bq_backfill_airflow_"))
-REST_PORT, GRPC_PORT = _free_port(), _free_port()
-PG_DSN = os.environ.get("BACKFILL_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-TEST_DB = f"bq_backfill_test_{os.getpid()}"
-TEST_DSN = PG_DSN.rsplit("/", 1)[0] + "/" + TEST_DB
 
 os.environ.update(
     {
@@ -42,84 +27,42 @@ os.environ.update(
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME}/airflow.db",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        "AIRFLOW_CONN_POSTGRES_DEFAULT": TEST_DSN,
-        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(
-            {"conn_type": "google_cloud_platform", "extra": {"project": PROJECT, "is_anonymous": True}}
-        ),
-        "BIGQUERY_EMULATOR_HOST": f"http://127.0.0.1:{REST_PORT}",
-        "BIGQUERY_STORAGE_EMULATOR_HOST": f"127.0.0.1:{GRPC_PORT}",
         "NO_PROXY": "127.0.0.1,localhost",
     }
 )
-sys.path.insert(0, str(ROOT / "plugins"))
-sys.path.insert(0, str(ROOT / "tests"))
+for path in (ROOT, ROOT / "plugins", ROOT / "tests"):
+    sys.path.insert(0, str(path))
 
-
-def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} not ready after {timeout} s")
+from devtools import services  # noqa: E402
+from devtools.seed import PROJECT  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def bq_emulator():
     """The BigQuery emulator (REST + Storage Read gRPC) on loopback, from its own virtualenv."""
-    binary = os.environ.get("BQEMULATOR_BIN") or str(ROOT / ".venv-bqemulator" / "bin" / "bqemulator")
-    if not Path(binary).exists():
-        pytest.fail(f"bqemulator not found at {binary}: run `make test` (it installs it) or set BQEMULATOR_BIN")
-    home = Path(binary).parents[1] / "duckdb-home"  # holds the registered DuckDB spatial extension
-    log = open(_HOME / "bqemulator.log", "w")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "start",
-            "--rest-host",
-            "127.0.0.1",
-            "--rest-port",
-            str(REST_PORT),
-            "--grpc-host",
-            "127.0.0.1",
-            "--grpc-port",
-            str(GRPC_PORT),
-            "--project",
-            PROJECT,
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HOME": str(home)},
-    )
-    try:
-        _wait(f"http://127.0.0.1:{REST_PORT}/healthz", proc, "bqemulator")
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with services.bigquery_emulator(PROJECT, _HOME / "bqemulator.log") as env:
+        os.environ.update(env)
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = json.dumps(
+            {"conn_type": "google_cloud_platform", "extra": {"project": PROJECT, "is_anonymous": True}}
+        )
+        yield env
 
 
 @pytest.fixture(scope="session")
-def pg_server():
-    """A database of its own on the real PostgreSQL server; dropped at the end."""
-    import psycopg
+def pg_admin():
+    """Admin DSN of the PostgreSQL server the tests use (see devtools.services.postgres_server)."""
+    with services.postgres_server() as dsn:
+        yield dsn
 
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}"')
-        conn.execute(f'CREATE DATABASE "{TEST_DB}"')
-    yield TEST_DSN
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
+
+@pytest.fixture(scope="session")
+def pg_server(pg_admin):
+    """A database of its own on that server, the target of `postgres_default`; dropped at the end."""
+    name = f"bq_backfill_test_{os.getpid()}"
+    dsn = services.recreate_database(pg_admin, name)
+    os.environ["AIRFLOW_CONN_POSTGRES_DEFAULT"] = services.airflow_conn_uri(dsn)
+    yield dsn
+    services.drop_database(pg_admin, name)
 
 
 @pytest.fixture(scope="session")
@@ -146,8 +89,8 @@ def pg(pg_server):
 
 @pytest.fixture
 def bq(bq_emulator):
-    """A BigQuery client on the emulator, with an empty `analytics` dataset."""
-    from seed import bq_client
+    """A BigQuery client on the emulator, with an empty `analytics` dataset and no scratch dataset."""
+    from devtools.seed import bq_client
 
     client = bq_client()
     client.delete_dataset("analytics", delete_contents=True, not_found_ok=True)
@@ -157,7 +100,7 @@ def bq(bq_emulator):
 
 
 @pytest.fixture
-def backfill_dag(airflow_db):
+def backfill_dag(airflow_db, pg_server, bq_emulator):
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(ROOT / "dags"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from seed import SEED_TENANT
+from devtools.seed import SEED_TENANT
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from decimal import Decimal
 
 from helpers import chunks, conf, jobs, scratch_tables, table_state
-from seed import (
+
+from bq_backfill import ledger
+from devtools.seed import (
     OTHER_TENANT,
     SEED_TENANT,
     as_tuples,
@@ -15,8 +17,6 @@ from seed import (
     legacy_jobs,
     target_rows,
 )
-
-from bq_backfill import ledger
 
 SOURCE_ROWS = 2_003  # not a multiple of the chunk size: the last chunk is short
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from airflow.sdk.definitions.param import ParamValidationError
 from helpers import chunks, conf, jobs, table_state
-from seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
 
 from bq_backfill import ledger
+from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
 
 INJECTION = "x'; DROP TABLE inventory_movements; --"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from airflow_run import clear_with_downstream, drive
 from helpers import chunks, conf, jobs, ti_states
 from psycopg import sql
-from seed import SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
 
 from bq_backfill import ledger
+from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
 
 POISON = "P0000777"  # lands in chunk 3 of [0, 250), [250, 500), ... at chunk_size 250
 

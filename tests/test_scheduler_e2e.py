@@ -7,13 +7,13 @@ import os
 
 import psycopg
 import pytest
-from airflow_stack import airflow_stack
-from conftest import PG_DSN, TEST_DSN, _free_port
 from helpers import chunks, conf, jobs
-from seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
 from test_resume import POISON, poison_trigger
 
 from bq_backfill import ledger
+from devtools import services
+from devtools.airflow_stack import airflow_stack
+from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
 
 DAG = "bigquery_backfill"
 ACTIVE = (
@@ -23,22 +23,21 @@ ACTIVE = (
 
 
 @pytest.fixture
-def stack(tmp_path, bq_emulator, pg_server):
+def stack(tmp_path, bq_emulator, pg_admin, pg_server):
     env = {k: v for k, v in os.environ.items() if k.startswith(("AIRFLOW_CONN_", "BIGQUERY_"))}
-    meta = PG_DSN.rsplit("/", 1)[0] + f"/bq_backfill_airflow_{os.getpid()}"
-    with airflow_stack(tmp_path, _free_port(), meta, env) as running:
+    with airflow_stack(tmp_path, services.free_port(), pg_admin, f"bq_backfill_airflow_{os.getpid()}", env) as running:
         running.wait_for_dag(DAG)
         yield running
 
 
-def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, bq, stack):
+def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, pg_server, bq, stack):
     source = inventory_rows(SEED_TENANT, 3_000)
     create_source(bq, source)
     ledger.apply_schema(pg)
     legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=206)
     poison_trigger(pg, product_code=POISON)  # chunk 1 of [0, 500), [500, 1000), ...
     run_conf = conf(chunk_size=500)
-    watch = psycopg.connect(TEST_DSN, autocommit=True)
+    watch = psycopg.connect(pg_server, autocommit=True)
     most_active = 0
 
     def probe() -> None:

@@ -7,10 +7,10 @@ import logging
 import psycopg
 import pytest
 from helpers import table_state
-from seed import OTHER_TENANT, SEED_TENANT, insert_target, inventory_rows, legacy_jobs
 
 from bq_backfill import ledger
 from bq_backfill.ledger import RunKey
+from devtools.seed import OTHER_TENANT, SEED_TENANT, insert_target, inventory_rows, legacy_jobs
 
 RUN = RunKey("bigquery_backfill", "manual__test")
 CATALOG = """

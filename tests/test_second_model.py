@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from google.cloud import bigquery
 from helpers import ROOT, jobs
-from seed import PROJECT, SEED_TENANT
 
 from bq_backfill import models
+from devtools.seed import PROJECT, SEED_TENANT
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
+PROJECT = "backfill-test"
 SEED_TENANT = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
 OTHER_TENANT = "11111111-2222-3333-4444-555555555555"
 
@@ -39,7 +40,6 @@ ARROW_SCHEMA = pa.schema(
         ("updated_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-PROJECT = "backfill-test"
 
 
 def bq_client() -> bigquery.Client:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 
-ROOT = Path(__file__).resolve().parents[1]
+from devtools import services
+
+ROOT = services.ROOT
 
 
 class AirflowStack:
@@ -127,17 +128,16 @@ class AirflowStack:
 
 
 @contextmanager
-def airflow_stack(home: Path, port: int, meta_dsn: str, extra_env: dict[str, str]) -> Iterator[AirflowStack]:
-    """Starts api-server, scheduler and dag-processor with metadata in meta_dsn (a fresh database)."""
-    admin_dsn, db = meta_dsn.rsplit("/", 1)
-    with psycopg.connect(admin_dsn + "/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{db}"')
+def airflow_stack(
+    home: Path, port: int, pg_admin: str, meta_db: str, extra_env: dict[str, str]
+) -> Iterator[AirflowStack]:
+    """Starts api-server, scheduler and dag-processor with metadata in a fresh database `meta_db`."""
+    meta_dsn = services.recreate_database(pg_admin, meta_db)
     env = {
         **os.environ,
         **extra_env,
         "AIRFLOW_HOME": str(home),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta_dsn.replace("postgresql://", "postgresql+psycopg2://"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": services.sqlalchemy_url(meta_dsn),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
@@ -162,5 +162,4 @@ def airflow_stack(home: Path, port: int, meta_dsn: str, extra_env: dict[str, str
         yield stack
     finally:
         stack.stop()
-        with psycopg.connect(admin_dsn + "/postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        services.drop_database(pg_admin, meta_db)

@@ -1,6 +1,6 @@
 """Registers the DuckDB spatial extension bundled in the emulator's virtualenv, so the emulator starts offline.
 
-Usage: python tests/register_duckdb_spatial.py HOME_DIR   (run with the emulator virtualenv's python)
+Usage: python devtools/register_duckdb_spatial.py HOME_DIR   (run with the emulator virtualenv's python)
 DuckDB keeps installed extensions under $HOME/.duckdb; the emulator is then started with HOME=HOME_DIR.
 """
 

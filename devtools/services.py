@@ -1,0 +1,149 @@
+"""Local services for tests, the demo and the benchmark: a PostgreSQL server and the BigQuery emulator.
+
+Postgres, in order: $BACKFILL_PG_DSN if set; else the server at 127.0.0.1:5432 if it answers; else an embedded
+server (the `pgserver` wheel, PostgreSQL binaries inside) in a temporary directory, stopped on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """Yields an admin DSN (database `postgres`) of a running server; an embedded one is stopped afterwards."""
+    dsn = os.environ.get("BACKFILL_PG_DSN")
+    if dsn and dsn != "embedded":
+        yield dsn
+        return
+    if not dsn and _answers(LOCAL_DSN):
+        yield LOCAL_DSN
+        return
+    import pgserver
+
+    data = Path(tempfile.mkdtemp(prefix="bq_backfill_pg_"))
+    server = pgserver.get_server(data, cleanup_mode="delete")
+    log.info("embedded PostgreSQL started in %s", data)
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+def with_database(admin_dsn: str, name: str) -> str:
+    """The DSN of database `name` on the same server as admin_dsn."""
+    info = psycopg.conninfo.conninfo_to_dict(admin_dsn)
+    info["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+def sqlalchemy_url(dsn: str, driver: str = "psycopg2") -> str:
+    """A SQLAlchemy URL for a libpq DSN (socket directories included), e.g. for Airflow's metadata database."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    host = info.get("host", "")
+    auth = info.get("user", "postgres") + (f":{info['password']}" if info.get("password") else "")
+    if host.startswith("/"):
+        return f"postgresql+{driver}://{auth}@/{info['dbname']}?host={host}&port={info.get('port', 5432)}"
+    return f"postgresql+{driver}://{auth}@{host}:{info.get('port', 5432)}/{info['dbname']}"
+
+
+def airflow_conn_uri(dsn: str) -> str:
+    """An AIRFLOW_CONN_* URI for a libpq DSN (a socket directory goes percent-encoded in the host part)."""
+    from urllib.parse import quote
+
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    host = quote(info.get("host", "127.0.0.1"), safe="")
+    auth = info.get("user", "postgres") + (f":{quote(info['password'], safe='')}" if info.get("password") else "")
+    return f"postgresql://{auth}@{host}:{info.get('port', 5432)}/{info['dbname']}"
+
+
+def recreate_database(admin_dsn: str, name: str) -> str:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return with_database(admin_dsn, name)
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def emulator_binary() -> Path:
+    binary = Path(os.environ.get("BQEMULATOR_BIN") or ROOT / ".venv-bqemulator" / "bin" / "bqemulator")
+    if not binary.exists():
+        raise FileNotFoundError(f"bqemulator not found at {binary}: run `make install` or set BQEMULATOR_BIN")
+    return binary
+
+
+@contextmanager
+def bigquery_emulator(project: str, log_path: Path) -> Iterator[dict[str, str]]:
+    """Starts bqemulator on free loopback ports; yields the environment that points clients at it."""
+    binary = emulator_binary()
+    rest, grpc = free_port(), free_port()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [str(binary), "start", "--rest-host", "127.0.0.1", "--rest-port", str(rest), "--grpc-host", "127.0.0.1",
+             "--grpc-port", str(grpc), "--project", project, "--log-level", "warning"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # DuckDB finds the registered spatial extension under $HOME/.duckdb (devtools/register_duckdb_spatial.py)
+            env={**os.environ, "HOME": str(binary.parents[1] / "duckdb-home")},
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            _wait_http(f"http://127.0.0.1:{rest}/healthz", proc, f"bqemulator (log: {log_path})")
+            yield {
+                "BIGQUERY_EMULATOR_HOST": f"http://127.0.0.1:{rest}",
+                "BIGQUERY_STORAGE_EMULATOR_HOST": f"127.0.0.1:{grpc}",
+            }
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready after {timeout} s")
