@@ -5,7 +5,7 @@ VENV ?= .venv
 EMU_VENV ?= .venv-bqemulator
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: test lint install clean
+.PHONY: test lint install demo clean
 
 install: $(VENV)/.installed $(EMU_VENV)/.installed
 
@@ -29,3 +29,7 @@ test: install lint
 
 clean:
 	rm -rf $(VENV) $(EMU_VENV)
+
+# The stuck tenant (207 jobs, 2% synced) and its fix by one DAG run under a real Airflow, on local services.
+demo: install
+	$(VENV)/bin/python -m devtools.demo

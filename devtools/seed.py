@@ -71,18 +71,22 @@ def inventory_rows(tenant_id: str, n: int, *, seed: int = 0) -> list[dict]:
     return rows
 
 
-def create_source(client: bigquery.Client, rows: list[dict], table: str = "analytics.inventory_movements") -> None:
+def create_source(
+    client: bigquery.Client, rows: list[dict] | pa.Table, table: str = "analytics.inventory_movements"
+) -> None:
     """(Re)creates the source table and loads the rows (parquet, resumable upload, columns in table order)."""
     client.delete_table(table, not_found_ok=True)
     client.create_table(bigquery.Table(f"{PROJECT}.{table}", schema=INVENTORY_SCHEMA))
     append_source(client, rows, table)
 
 
-def append_source(client: bigquery.Client, rows: list[dict], table: str = "analytics.inventory_movements") -> None:
-    if not rows:
+def append_source(
+    client: bigquery.Client, rows: list[dict] | pa.Table, table: str = "analytics.inventory_movements"
+) -> None:
+    if not len(rows):
         return
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), buf)
+    pq.write_table(rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), buf)
     buf.seek(0)
     config = bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.PARQUET)
     client.load_table_from_file(buf, f"{PROJECT}.{table}", job_config=config).result()
@@ -142,3 +146,39 @@ def as_tuples(rows: list[dict]) -> list[tuple]:
         for r in rows
     ]
     return sorted(out, key=lambda t: (t[1], t[2], t[3]))
+
+
+def inventory_table(tenant_id: str, n: int, *, seed: int = 0) -> pa.Table:
+    """The same rows as inventory_rows(), built column by column (1M rows in about a second)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    i = np.arange(n, dtype=np.int64)
+    day0 = (date(2024, 1, 1) - date(1970, 1, 1)).days
+    codes = pc.utf8_lpad(pc.cast(pa.array(i), pa.string()), 7, "0")
+    branches = pc.utf8_lpad(pc.cast(pa.array((i // 8) % 5), pa.string()), 2, "0")
+    types = np.array(["receipt", "sale", "transfer", "adjustment"])
+    epoch_us = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp()) * 1_000_000
+    return pa.table(
+        {
+            "tenant_id": pa.array(np.full(n, tenant_id)),
+            "movement_date": pa.array(day0 + (i // 40) % 700, pa.int32()).cast(pa.date32()),
+            "branch_id": pc.binary_join_element_wise("BR-", branches, ""),
+            "product_code": pc.binary_join_element_wise("P", codes, ""),
+            "quantity": _hundredths((((i * 37 + seed) % 1000) - 300) * 25),
+            "unit_cost": _hundredths((i * 13 + seed) % 5000),
+            "movement_type": pa.array(types[(i + seed) % 4]),
+            "updated_at": pa.array(epoch_us + (i * 7 + seed) * 1_000_000, pa.timestamp("us", tz="UTC")),
+        },
+        schema=ARROW_SCHEMA,
+    )
+
+
+def _hundredths(values) -> pa.Array:
+    """Exact decimals from integer hundredths (rendered as text, which Arrow parses exactly)."""
+    import numpy as np
+
+    sign = np.where(values < 0, "-", "")
+    text = np.char.add(np.char.add(sign, (np.abs(values) // 100).astype(str)), ".")
+    text = np.char.add(text, np.char.zfill((np.abs(values) % 100).astype(str), 2))
+    return pa.array(text).cast(pa.decimal128(38, 9))

@@ -168,5 +168,8 @@ def make_read_client(credentials) -> BigQueryReadClient:
     if emulator:
         import grpc
 
-        return BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=grpc.insecure_channel(emulator)))
+        # The default transport lifts gRPC's 4 MiB receive limit; a hand-made channel must do the same.
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        channel = grpc.insecure_channel(emulator, options=options)
+        return BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))
     return BigQueryReadClient(credentials=credentials)
