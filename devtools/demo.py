@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -43,8 +42,8 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def seed_bigquery() -> None:
-    client = bq_client()
+def seed_bigquery(endpoint: str) -> None:
+    client = bq_client(endpoint)
     client.create_dataset("analytics", exists_ok=True)
     t = time.monotonic()
     create_source(client, inventory_table(SEED_TENANT, SOURCE_ROWS))
@@ -119,20 +118,15 @@ def main() -> int:
         dsn = services.recreate_database(admin, "backfill_demo")
         say(f"Postgres: {psycopg.conninfo.conninfo_to_dict(dsn).get('host')} database backfill_demo")
         with services.bigquery_emulator(PROJECT, WORK / "bqemulator.log") as bq_env:
-            os.environ.update(bq_env)
-            rest, grpc = bq_env["BIGQUERY_EMULATOR_HOST"], bq_env["BIGQUERY_STORAGE_EMULATOR_HOST"]
-            say(f"BigQuery emulator: REST {rest}, Storage Read API {grpc}")
-            seed_bigquery()
+            say(f"BigQuery emulator: REST {bq_env['rest']}, Storage Read API {bq_env['storage']}")
+            seed_bigquery(bq_env["rest"])
             recreate_stuck_state(dsn)
             before = snapshot(dsn)
             describe("Before", before)
 
             env = {
-                **bq_env,
                 "AIRFLOW_CONN_POSTGRES_DEFAULT": services.airflow_conn_uri(dsn),
-                "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(
-                    {"conn_type": "google_cloud_platform", "extra": {"project": PROJECT, "is_anonymous": True}}
-                ),
+                "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": services.gcp_connection(PROJECT, bq_env),
             }
             t = time.monotonic()
             say("Starting Airflow (api-server, scheduler, dag-processor on 127.0.0.1) ...")

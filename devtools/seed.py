@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -42,11 +41,10 @@ ARROW_SCHEMA = pa.schema(
 )
 
 
-def bq_client() -> bigquery.Client:
+def bq_client(endpoint: str) -> bigquery.Client:
+    """A BigQuery client on the emulator's REST endpoint, for seeding and checking."""
     return bigquery.Client(
-        project=PROJECT,
-        credentials=AnonymousCredentials(),
-        client_options=ClientOptions(api_endpoint=os.environ["BIGQUERY_EMULATOR_HOST"]),
+        project=PROJECT, credentials=AnonymousCredentials(), client_options=ClientOptions(api_endpoint=endpoint)
     )
 
 

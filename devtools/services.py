@@ -6,6 +6,7 @@ server (the `pgserver` wheel, PostgreSQL binaries inside) in a temporary directo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -106,9 +107,24 @@ def emulator_binary() -> Path:
     return binary
 
 
+def gcp_connection(project: str, emulator: dict[str, str]) -> str:
+    """An AIRFLOW_CONN_* value (JSON) for the google provider, pointed at the emulator by connection extras."""
+    return json.dumps(
+        {
+            "conn_type": "google_cloud_platform",
+            "extra": {
+                "project": project,
+                "is_anonymous": True,
+                "bigquery_endpoint": emulator["rest"],
+                "storage_read_endpoint": emulator["storage"],
+            },
+        }
+    )
+
+
 @contextmanager
 def bigquery_emulator(project: str, log_path: Path) -> Iterator[dict[str, str]]:
-    """Starts bqemulator on free loopback ports; yields the environment that points clients at it."""
+    """Starts bqemulator on free loopback ports; yields {"rest": base URL, "storage": Storage Read host:port}."""
     binary = emulator_binary()
     rest, grpc = free_port(), free_port()
     with open(log_path, "w") as out:
@@ -123,10 +139,7 @@ def bigquery_emulator(project: str, log_path: Path) -> Iterator[dict[str, str]]:
         )  # fmt: skip
         try:
             _wait_http(f"http://127.0.0.1:{rest}/healthz", proc, f"bqemulator (log: {log_path})")
-            yield {
-                "BIGQUERY_EMULATOR_HOST": f"http://127.0.0.1:{rest}",
-                "BIGQUERY_STORAGE_EMULATOR_HOST": f"127.0.0.1:{grpc}",
-            }
+            yield {"rest": f"http://127.0.0.1:{rest}", "storage": f"127.0.0.1:{grpc}"}
         finally:
             proc.terminate()
             try:

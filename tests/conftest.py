@@ -6,7 +6,6 @@ imports it. Connections are environment variables too, set once the services are
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -41,10 +40,7 @@ from devtools.seed import PROJECT  # noqa: E402
 def bq_emulator():
     """The BigQuery emulator (REST + Storage Read gRPC) on loopback, from its own virtualenv."""
     with services.bigquery_emulator(PROJECT, _HOME / "bqemulator.log") as env:
-        os.environ.update(env)
-        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = json.dumps(
-            {"conn_type": "google_cloud_platform", "extra": {"project": PROJECT, "is_anonymous": True}}
-        )
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = services.gcp_connection(PROJECT, env)
         yield env
 
 
@@ -92,7 +88,7 @@ def bq(bq_emulator):
     """A BigQuery client on the emulator, with an empty `analytics` dataset and no scratch dataset."""
     from devtools.seed import bq_client
 
-    client = bq_client()
+    client = bq_client(bq_emulator["rest"])
     client.delete_dataset("analytics", delete_contents=True, not_found_ok=True)
     client.delete_dataset("backfill_scratch", delete_contents=True, not_found_ok=True)
     client.create_dataset("analytics")

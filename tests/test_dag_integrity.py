@@ -15,7 +15,6 @@ def test_dag_imports_without_database_or_network(tmp_path):
         "AIRFLOW_HOME": str(tmp_path),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://nobody@127.0.0.1:1/none",
         "AIRFLOW_CONN_POSTGRES_DEFAULT": "postgresql://nobody@127.0.0.1:1/none",
-        "BIGQUERY_EMULATOR_HOST": "http://127.0.0.1:1",
         "PYTHONPATH": str(ROOT / "plugins"),
     }
     code = (

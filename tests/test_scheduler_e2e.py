@@ -24,7 +24,7 @@ ACTIVE = (
 
 @pytest.fixture
 def stack(tmp_path, bq_emulator, pg_admin, pg_server):
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AIRFLOW_CONN_", "BIGQUERY_"))}
+    env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
     with airflow_stack(tmp_path, services.free_port(), pg_admin, f"bq_backfill_airflow_{os.getpid()}", env) as running:
         running.wait_for_dag(DAG)
         yield running

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pyarrow as pa
+from airflow.providers.google.common.consts import CLIENT_INFO
+from google.api_core.client_options import ClientOptions
 from google.api_core.exceptions import Conflict, NotFound
+from google.auth.credentials import Credentials
 from google.cloud import bigquery
 from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
 from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
@@ -27,9 +29,10 @@ from bq_backfill.sink import OFFSET_COLUMN
 
 log = logging.getLogger(__name__)
 
-# Same convention as the google client libraries' own *_EMULATOR_HOST variables: host:port of a local,
-# plaintext Storage Read endpoint (the BigQuery client itself honours BIGQUERY_EMULATOR_HOST for REST).
-STORAGE_EMULATOR_ENV = "BIGQUERY_STORAGE_EMULATOR_HOST"
+# Connection extras that point the clients at other endpoints (a local emulator): the REST API base URL, and
+# host:port of a plaintext Storage Read API. Without them the clients use Google's endpoints.
+REST_ENDPOINT_EXTRA = "bigquery_endpoint"
+STORAGE_ENDPOINT_EXTRA = "storage_read_endpoint"
 _PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
 
@@ -91,8 +94,16 @@ class BigQuerySource:
         project = hook.project_id
         if not project:
             raise ValueError(f"connection {gcp_conn_id!r} names no project: set extra 'project'")
-        client = hook.get_client(project_id=project)
-        return cls(client, make_read_client(hook.get_credentials()), project)
+        extras = hook.get_connection(gcp_conn_id).extra_dejson
+        credentials = hook.get_credentials()
+        # What hook.get_client() builds, plus an endpoint when the connection names one.
+        client = bigquery.Client(
+            project=project,
+            credentials=credentials,
+            client_info=CLIENT_INFO,
+            client_options=ClientOptions(api_endpoint=extras.get(REST_ENDPOINT_EXTRA) or None),
+        )
+        return cls(client, make_read_client(credentials, extras.get(STORAGE_ENDPOINT_EXTRA) or None), project)
 
     def table(self, name: str) -> TableRef:
         return TableRef.parse(name, self.project)
@@ -163,13 +174,14 @@ class BigQuerySource:
         )
 
 
-def make_read_client(credentials) -> BigQueryReadClient:
-    emulator = os.environ.get(STORAGE_EMULATOR_ENV)
-    if emulator:
+def make_read_client(credentials: Credentials, plaintext_endpoint: str | None) -> BigQueryReadClient:
+    """Storage Read client; a plaintext host:port (an emulator) needs a channel of its own, as google's own
+    clients build for their *_EMULATOR_HOST settings."""
+    if plaintext_endpoint:
         import grpc
 
         # The default transport lifts gRPC's 4 MiB receive limit; a hand-made channel must do the same.
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-        channel = grpc.insecure_channel(emulator, options=options)
+        channel = grpc.insecure_channel(plaintext_endpoint, options=options)
         return BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))
     return BigQueryReadClient(credentials=credentials)
