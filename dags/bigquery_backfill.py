@@ -122,13 +122,15 @@ def bigquery_backfill():
     def load_chunk(chunk: dict) -> dict[str, int]:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from bq_backfill.steps import PermanentChunkError
+        from bq_backfill.steps import is_transient
         from bq_backfill.steps import load_chunk as run
 
         try:
             return run(_settings(), chunk)
-        except PermanentChunkError as exc:
-            raise AirflowFailException(str(exc)) from exc  # no retry: fix the cause, then clear
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # Airflow retries with backoff
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc  # fix the cause, then clear
 
     @task(trigger_rule="none_failed")
     def finalize() -> dict[str, int]:

@@ -68,8 +68,8 @@ def test_duplicate_and_null_keys_and_a_short_last_chunk(pg, bq, backfill_dag):
     assert sum(c["rows_rejected"] for c in done) == 2
     reasons = pg.execute("SELECT reason FROM backfill_quarantine WHERE job_id = %s ORDER BY reason", (job["id"],))
     assert [r for (r,) in reasons] == [
-        "NULL key column: branch_id",
-        "NULL key column: movement_date, product_code",
+        "NULL key column branch_id",
+        "NULL key column movement_date; NULL key column product_code",
     ]
     landed = target_rows(pg, SEED_TENANT)
     assert len(landed) == 1_010
@@ -103,3 +103,37 @@ def test_too_many_chunks_fails_plan_with_the_size_that_fits(pg, bq, backfill_dag
     assert pg.execute("SELECT count(*) FROM inventory_movements").fetchone() == (0,)
     assert jobs(pg) == []  # refused before the job row was written
     assert "make 5 chunks, over [core] max_map_length (4): trigger again with chunk_size >= 251" in caplog.text
+
+
+def test_out_of_range_numbers_nul_characters_long_text_unicode_and_edge_dates(pg, bq, backfill_dag):
+    from datetime import UTC, date, datetime
+    from decimal import Decimal
+
+    rows = inventory_rows(SEED_TENANT, 400)
+    rows[0].update(quantity=Decimal("100000000000000"))  # numeric(18,4) holds < 10^14
+    rows[1].update(unit_cost=Decimal("-99999999999999.99996"))  # rounds to -10^14: refused by Postgres too
+    rows[2].update(quantity=Decimal("99999999999999.9999"))  # the largest that fits: lands
+    rows[3].update(movement_type="bad\x00byte")
+    rows[4].update(movement_type="x" * 100_000)
+    rows[5].update(branch_id="Zürich-分店-🚚", movement_type="réception ✓")
+    rows[6].update(movement_date=date(1, 1, 1), updated_at=datetime(1, 1, 1, tzinfo=UTC))
+    rows[7].update(movement_date=date(9999, 12, 31), updated_at=datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC))
+    create_source(bq, rows)
+
+    dr = backfill_dag.test(run_conf=conf(chunk_size=150, max_rejected_rows=3))
+
+    assert dr.state == "success"
+    [job] = jobs(pg)
+    assert job["processed_records"] == 400 and job["rejected_records"] == 3
+    quarantined = pg.execute(
+        "SELECT row_data->>'product_code', reason, row_data->>'movement_type' FROM backfill_quarantine ORDER BY 1"
+    ).fetchall()
+    assert quarantined == [
+        ("P0000000", "quantity out of range for numeric(18,4)", rows[0]["movement_type"]),
+        ("P0000001", "unit_cost out of range for numeric(18,4)", rows[1]["movement_type"]),
+        ("P0000003", "movement_type contains a NUL character", "bad\\u0000byte"),
+    ]
+    landed = {r[3]: r for r in target_rows(pg, SEED_TENANT)}
+    assert len(landed) == 397
+    expected = {t[3]: t for t in as_tuples(rows[2:3] + rows[4:])}
+    assert landed == expected  # every other value exactly as in BigQuery, edges and all

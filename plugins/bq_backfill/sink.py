@@ -7,13 +7,16 @@ Identifiers come from the model registry and are composed with psycopg.sql; valu
 from __future__ import annotations
 
 import io
+import json
 
 import psycopg
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from bq_backfill.models import Model
+from bq_backfill.validate import Rejected
 
 OFFSET_COLUMN = "_row_offset"
 STAGE = sql.Identifier("backfill_stage")
@@ -21,7 +24,6 @@ STAGE = sql.Identifier("backfill_stage")
 
 def stage_rows(conn: psycopg.Connection, model: Model, rows: pa.Table) -> None:
     """COPY the chunk into a temp table that has the model's columns but none of the target's constraints."""
-    names = [*model.column_names, OFFSET_COLUMN]
     columns = sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns
     )
@@ -30,42 +32,33 @@ def stage_rows(conn: psycopg.Connection, model: Model, rows: pa.Table) -> None:
             STAGE, columns, sql.Identifier(OFFSET_COLUMN)
         )
     )
-    buffer = io.BytesIO()
-    # CSV keeps the rows columnar end to end (no Python row objects); NULL is an unquoted empty field.
-    pa_csv.write_csv(rows.select(names), buffer, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
-    copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(STAGE, sql.SQL(", ").join(map(sql.Identifier, names)))
-    with conn.cursor() as cur, cur.copy(copy) as pipe:
-        view = buffer.getbuffer()
-        step = 1 << 20
-        for start in range(0, len(view), step):
-            pipe.write(view[start : start + step])
+    _copy_arrow(conn, STAGE, rows.select([*model.column_names, OFFSET_COLUMN]))
 
 
-def _null_key(model: Model) -> sql.Composable:
-    return sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(k)) for k in model.conflict_key)
-
-
-def quarantine_null_keys(conn: psycopg.Connection, model: Model, job_id: str, chunk_index: int) -> int:
-    """Moves staged rows with a NULL key column to backfill_quarantine, with the columns named in the reason."""
-    reason = sql.SQL("concat_ws(', ', {})").format(
-        sql.SQL(", ").join(
-            sql.SQL("CASE WHEN {} IS NULL THEN {} END").format(sql.Identifier(k), sql.Literal(k))
-            for k in model.conflict_key
-        )
-    )
-    cur = conn.execute(
-        sql.SQL(
+def quarantine(conn: psycopg.Connection, job_id: str, chunk_index: int, rejected: Rejected) -> int:
+    """Keeps rows that cannot land in backfill_quarantine, with the reason and the row as JSON."""
+    if not rejected.offsets:
+        return 0
+    with conn.cursor() as cur:
+        cur.executemany(
             "INSERT INTO backfill_quarantine (job_id, chunk_index, source_offset, reason, row_data) "
-            "SELECT %(job_id)s, %(chunk_index)s, s.{off}, 'NULL key column: ' || {reason}, to_jsonb(s) "
-            "FROM {stage} s WHERE {null_key}"
-        ).format(off=sql.Identifier(OFFSET_COLUMN), reason=reason, stage=STAGE, null_key=_null_key(model)),
-        {"job_id": job_id, "chunk_index": chunk_index},
-    )
-    return cur.rowcount
+            "VALUES (%s, %s, %s, %s, %s)",
+            [
+                (job_id, chunk_index, offset, reason, Jsonb(row, dumps=_dumps))
+                for offset, reason, row in zip(rejected.offsets, rejected.reasons, rejected.rows, strict=True)
+            ],
+        )
+    return len(rejected.offsets)
+
+
+def _dumps(row: dict) -> str:
+    # jsonb cannot hold U+0000: show it as the text \u0000 instead
+    clean = {k: v.replace("\x00", "\\u0000") if isinstance(v, str) else v for k, v in row.items()}
+    return json.dumps(clean, default=str, ensure_ascii=False)
 
 
 def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
-    """Upserts staged rows with a complete key into the target.
+    """Upserts the staged rows (already validated: every key column set) into the target.
 
     Duplicate keys in the chunk collapse to the last one by source offset (ON CONFLICT cannot touch a row twice);
     unchanged rows are not rewritten, so a re-run leaves no dead tuples. Returns distinct/inserted/updated counts.
@@ -79,7 +72,6 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
         WITH src AS (
             SELECT DISTINCT ON ({key}) {cols}
             FROM {stage}
-            WHERE NOT ({null_key})
             ORDER BY {key}, {off} DESC
         ),
         upserted AS (
@@ -97,7 +89,6 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
         key=key,
         cols=cols,
         stage=STAGE,
-        null_key=_null_key(model),
         off=sql.Identifier(OFFSET_COLUMN),
         target=target,
         assign=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in values),
@@ -109,40 +100,48 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
     return {"distinct": int(row[0]), "inserted": int(row[1]), "updated": int(row[2])}
 
 
-def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, keys: pa.Table) -> int:
-    """How many of the given source keys (one tenant's, NULL-free) have no row in the target."""
+def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id: str, keys: pa.Table) -> int:
+    """How many source rows (key columns and _row_offset of the snapshot) have no row with their key in the
+    target, not counting rows this job quarantined."""
     key_cols = model.conflict_key[1:]
     tmp = sql.Identifier("backfill_keys")
-    conn.execute(
-        sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(
-            tmp,
-            sql.SQL(", ").join(
-                sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type))
-                for c in model.columns
-                if c.name in key_cols
-            ),
-        )
+    typed = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns if c.name in key_cols
     )
-    buffer = io.BytesIO()
-    pa_csv.write_csv(keys.select(list(key_cols)), buffer, pa_csv.WriteOptions(include_header=False))
-    with (
-        conn.cursor() as cur,
-        cur.copy(
-            sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
-                tmp, sql.SQL(", ").join(map(sql.Identifier, key_cols))
-            )
-        ) as pipe,
-    ):
-        pipe.write(buffer.getvalue())
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} ({}, {} bigint) ON COMMIT DROP").format(tmp, typed, sql.Identifier(OFFSET_COLUMN))
+    )
+    _copy_arrow(conn, tmp, keys.select([*key_cols, OFFSET_COLUMN]))
     match = sql.SQL(" AND ").join(sql.SQL("t.{0} = k.{0}").format(sql.Identifier(c)) for c in key_cols)
     row = conn.execute(
         sql.SQL(
-            "SELECT count(*) FROM {tmp} k WHERE NOT EXISTS "
-            "(SELECT 1 FROM {target} t WHERE t.{tenant} = %(tenant_id)s AND {match})"
+            "SELECT count(*) FROM {tmp} k "
+            "WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.{tenant} = %(tenant_id)s AND {match}) "
+            "AND NOT EXISTS (SELECT 1 FROM backfill_quarantine q "
+            "WHERE q.job_id = %(job_id)s AND q.source_offset = k.{off})"
         ).format(
-            tmp=tmp, target=sql.Identifier(model.target_table), tenant=sql.Identifier(model.tenant_column), match=match
+            tmp=tmp,
+            target=sql.Identifier(model.target_table),
+            tenant=sql.Identifier(model.tenant_column),
+            match=match,
+            off=sql.Identifier(OFFSET_COLUMN),
         ),
-        {"tenant_id": tenant_id},
+        {"tenant_id": tenant_id, "job_id": job_id},
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def _copy_arrow(conn: psycopg.Connection, table: sql.Identifier, rows: pa.Table) -> None:
+    """COPY an Arrow table into a table with the same column names, as CSV rendered by Arrow (no Python rows).
+    CSV NULL is an unquoted empty field; an empty string is written quoted, so both survive."""
+    buffer = io.BytesIO()
+    pa_csv.write_csv(rows, buffer, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
+    copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        table, sql.SQL(", ").join(map(sql.Identifier, rows.column_names))
+    )
+    with conn.cursor() as cur, cur.copy(copy) as pipe:
+        view = buffer.getbuffer()
+        step = 1 << 20
+        for start in range(0, len(view), step):
+            pipe.write(view[start : start + step])

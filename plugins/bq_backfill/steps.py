@@ -15,6 +15,7 @@ from bq_backfill import ledger, sink
 from bq_backfill.ledger import RunKey
 from bq_backfill.models import Model, get_model
 from bq_backfill.source import BigQuerySource, TableRef, snapshot_name
+from bq_backfill.validate import split_invalid
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,25 @@ class PermanentChunkError(Exception):
     """An error that a retry cannot fix (bad data, a constraint, a trigger): fail now, clear when fixed."""
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth a retry with backoff: the network, a restarted or overloaded server, a timeout.
+    Anything else (bad data, a bug, a refused statement) fails at once; a retry would only repeat it."""
+    import grpc
+    from google.api_core import exceptions as gexc
+
+    transient = (
+        psycopg.OperationalError,
+        ConnectionError,
+        TimeoutError,
+        gexc.ServerError,
+        gexc.TooManyRequests,
+        gexc.RetryError,
+        gexc.DeadlineExceeded,
+        grpc.RpcError,
+    )
+    return isinstance(exc, transient) and not isinstance(exc, PermanentChunkError)
+
+
 def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     model = s.model
     job_id, index, start, end = chunk["job_id"], chunk["chunk_index"], chunk["start"], chunk["end"]
@@ -233,8 +253,9 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
             if ledger.lock_chunk(conn, job_id, index) == "done":  # another attempt finished it meanwhile
                 log.info("%s was finished by another attempt: skipped", label)
                 return {"read": 0, "skipped": 1}
-            sink.stage_rows(conn, model, rows)
-            rejected = sink.quarantine_null_keys(conn, model, job_id, index)
+            good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
+            rejected = sink.quarantine(conn, job_id, index, bad)
+            sink.stage_rows(conn, model, good)
             up = sink.upsert_staged(conn, model)
             counts = {
                 "read": rows.num_rows,
@@ -298,10 +319,9 @@ def finalize(s: Settings, run: RunKey) -> dict[str, int]:
     bq = bigquery(s.gcp_conn_id)
     snapshot = bq.table(job.snapshot_table)
     if not problems:
-        keys = bq.read_rows(snapshot, 0, job.total_records, list(model.conflict_key[1:]))
-        keys = keys.filter(_not_null(keys))
+        keys = bq.read_rows(snapshot, 0, job.total_records, [*model.conflict_key[1:], sink.OFFSET_COLUMN])
         with postgres(s.postgres_conn_id) as conn:
-            missing = sink.missing_keys(conn, model, s.tenant_id, keys)
+            missing = sink.missing_keys(conn, model, s.tenant_id, job.id, keys)
         if missing:
             problems.append(f"{missing} source keys of the snapshot have no row in {model.target_table}")
     if problems:
@@ -327,16 +347,6 @@ def finalize(s: Settings, run: RunKey) -> dict[str, int]:
         model.target_table,
     )
     return totals
-
-
-def _not_null(table):
-    import pyarrow.compute as pc
-
-    mask = None
-    for name in table.column_names:
-        valid = pc.is_valid(table[name])
-        mask = valid if mask is None else pc.and_(mask, valid)
-    return mask
 
 
 # --- failure callback ---------------------------------------------------------------------------------------------

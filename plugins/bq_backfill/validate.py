@@ -1,0 +1,65 @@
+"""Checks a chunk's rows against the target's types before they reach Postgres.
+
+A row that cannot land (a NULL key column, a number too large for its numeric(p,s) column, a NUL character
+Postgres text cannot hold) is taken out of the chunk with the reason, for the quarantine table, instead of
+failing the whole chunk. Everything here is columnar (pyarrow compute): no Python row objects for good rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bq_backfill.models import Model
+
+_NUMERIC = re.compile(r"^numeric\((\d+),\s*(\d+)\)$")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    offsets: list[int]
+    reasons: list[str]
+    rows: list[dict]
+
+
+def split_invalid(model: Model, rows: pa.Table, offset_column: str) -> tuple[pa.Table, Rejected]:
+    """Returns (rows that can land, rejected rows with one reason each, naming every failed check)."""
+    problems: list[tuple[pa.Array, str]] = []
+    for name in model.conflict_key:
+        problems.append((pc.is_null(rows[name]), f"NULL key column {name}"))
+    for column in model.columns:
+        values = rows[column.name]
+        numeric = _NUMERIC.match(column.pg_type)
+        if numeric and (pa.types.is_decimal(values.type) or pa.types.is_integer(values.type)):
+            problems.append((_out_of_range(values, int(numeric.group(1)), int(numeric.group(2))),
+                             f"{column.name} out of range for {column.pg_type}"))  # fmt: skip
+        elif column.pg_type == "text" and (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            problems.append((pc.match_substring(values, "\x00"), f"{column.name} contains a NUL character"))
+    bad = None
+    for mask, _ in problems:
+        mask = pc.fill_null(mask, False)
+        bad = mask if bad is None else pc.or_(bad, mask)
+    if bad is None or not pc.any(bad).as_py():
+        return rows, Rejected([], [], [])
+    rejected = rows.filter(bad)
+    reasons = []
+    masks = [(pc.fill_null(mask, False).filter(bad), reason) for mask, reason in problems]
+    for i in range(rejected.num_rows):
+        reasons.append("; ".join(reason for mask, reason in masks if mask[i].as_py()))
+    return rows.filter(pc.invert(bad)), Rejected(
+        offsets=rejected[offset_column].to_pylist(), reasons=reasons, rows=rejected.drop([offset_column]).to_pylist()
+    )
+
+
+def _out_of_range(values: pa.ChunkedArray, precision: int, scale: int) -> pa.ChunkedArray:
+    """Exactly what Postgres refuses for numeric(precision, scale): |value rounded to scale| >= 10^(p-s).
+    Postgres rounds half away from zero before checking, so 99.995 does not fit numeric(4,2)."""
+    if pa.types.is_integer(values.type):
+        values = pc.cast(values, pa.decimal128(38, 0))
+    rounded = pc.round(values, ndigits=scale, round_mode="half_towards_infinity")
+    limit = pa.scalar(Decimal(10) ** (precision - scale), rounded.type)  # same type: no precision widening
+    return pc.greater_equal(pc.abs(rounded), limit)
