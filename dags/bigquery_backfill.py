@@ -17,6 +17,7 @@ Trigger with conf, e.g. `{"tenant_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
@@ -113,8 +114,8 @@ def bigquery_backfill():
 
     @task(
         pool=POOL,
-        retries=3,
-        retry_delay=timedelta(seconds=30),
+        retries=int(os.environ.get("BACKFILL_CHUNK_RETRIES", "3")),
+        retry_delay=timedelta(seconds=float(os.environ.get("BACKFILL_CHUNK_RETRY_DELAY_SECONDS", "30"))),
         retry_exponential_backoff=2.0,
         max_retry_delay=timedelta(minutes=10),
         map_index_template="chunk {{ task.op_kwargs['chunk']['chunk_index'] }}",

@@ -56,7 +56,27 @@ def apply_schema(conn: psycopg.Connection) -> None:
     conn.execute(sql_text("schema.sql"))
 
 
+class ActiveRunError(RuntimeError):
+    """Another dag run is actively working on the same tenant+model."""
+
+
+# A job of another run that made progress this recently is alive; older ones are abandoned (a crashed worker).
+LIVE_JOB_SECONDS = 15 * 60
+
+
 def delete_stale_jobs(conn: psycopg.Connection, run: RunKey, tenant_id: str, model_type: str) -> dict[str, int]:
+    live = _all(
+        conn,
+        "live_jobs_of_other_runs.sql",
+        {"tenant_id": tenant_id, "model_type": model_type, "live_seconds": LIVE_JOB_SECONDS, **run.params()},
+    )
+    if live:
+        other = live[0]
+        raise ActiveRunError(
+            f"tenant {tenant_id} model {model_type!r} is being backfilled by dag run {other['dag_run_id']} "
+            f"(job {other['id']}, {other['status']}, last progress {other['updated_at']:%Y-%m-%d %H:%M:%S%z}); "
+            "nothing deleted. Wait for that run to end, or mark it failed, then trigger again."
+        )
     row = _one(conn, "cleanup_stale_jobs.sql", {"tenant_id": tenant_id, "model_type": model_type, **run.params()})
     assert row is not None
     return {k: int(v) for k, v in row.items()}

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 from airflow.providers.google.common.consts import CLIENT_INFO
 from google.api_core.client_options import ClientOptions
-from google.api_core.exceptions import Conflict, NotFound
+from google.api_core.exceptions import Conflict, InternalServerError, NotFound, ServiceUnavailable
+from google.api_core.retry import Retry, if_exception_type
 from google.auth.credentials import Credentials
 from google.cloud import bigquery
 from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
@@ -33,6 +36,18 @@ log = logging.getLogger(__name__)
 # host:port of a plaintext Storage Read API. Without them the clients use Google's endpoints.
 REST_ENDPOINT_EXTRA = "bigquery_endpoint"
 STORAGE_ENDPOINT_EXTRA = "storage_read_endpoint"
+# Bound the client libraries' own retries (the REST client retries 5xx for 10 minutes by default, Storage reads for
+# a day): a blip is absorbed, an outage surfaces within BACKFILL_BIGQUERY_RETRY_SECONDS and Airflow's task
+# retries, with backoff and a log line each, take over.
+CLIENT_RETRY_SECONDS = float(os.environ.get("BACKFILL_BIGQUERY_RETRY_SECONDS", "30"))
+FAST_RETRY = bigquery.DEFAULT_RETRY.with_timeout(CLIENT_RETRY_SECONDS)
+CALL_TIMEOUT = 60.0
+READ_RETRY = Retry(
+    predicate=if_exception_type(ServiceUnavailable, InternalServerError),
+    initial=0.2,
+    maximum=5.0,
+    timeout=CLIENT_RETRY_SECONDS,
+)
 _PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
 
@@ -108,13 +123,22 @@ class BigQuerySource:
     def table(self, name: str) -> TableRef:
         return TableRef.parse(name, self.project)
 
+    def check_source(self, model: Model, source: TableRef) -> None:
+        """Fails early, naming the table, if the source is missing or lacks a column of the model."""
+        try:
+            table = self.client.get_table(str(source), retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+        except NotFound as exc:
+            raise LookupError(f"BigQuery source table {source} not found: {exc.message}") from exc
+        missing = sorted(set(model.column_names) - {f.name for f in table.schema})
+        if missing:
+            raise LookupError(f"BigQuery source table {source} lacks columns {missing} of model {model.model_type!r}")
+
     def now(self) -> datetime:
-        row = next(iter(self.client.query("SELECT CURRENT_TIMESTAMP() AS now").result()))
-        return row["now"]
+        return self._scalar("SELECT CURRENT_TIMESTAMP()")
 
     def count_tenant_rows(self, model: Model, source: TableRef, tenant_id: str) -> int:
         query = f"SELECT COUNT(*) AS n FROM {source.sql} WHERE `{model.tenant_column}` = @tenant_id"  # noqa: S608
-        return int(next(iter(self.client.query(query, job_config=self._tenant_param(tenant_id)).result()))["n"])
+        return int(self._scalar(query, self._tenant_param(tenant_id)))
 
     def ensure_snapshot(
         self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime
@@ -132,12 +156,12 @@ class BigQuerySource:
             f"WHERE `{model.tenant_column}` = @tenant_id"
         )
         try:
-            self.client.query(query, job_config=self._tenant_param(tenant_id)).result()
+            self._run(query, self._tenant_param(tenant_id))
             log.info("snapshot %s created from %s as of %s", snapshot, source, as_of.isoformat())
         except Conflict:
             log.info("snapshot %s already exists (retried or cleared plan): reusing it", snapshot)
         query = f"SELECT COUNT(*) AS n FROM {snapshot.sql}"  # noqa: S608
-        return int(next(iter(self.client.query(query).result()))["n"])
+        return int(self._scalar(query))
 
     def read_rows(self, snapshot: TableRef, start: int, end: int, columns: list[str] | None = None) -> pa.Table:
         """Rows with start <= _row_offset < end, as one Arrow table."""
@@ -152,12 +176,14 @@ class BigQuerySource:
                 ),
             ),
             max_stream_count=1,
+            retry=READ_RETRY,
+            timeout=CALL_TIMEOUT,
         )
         schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
         batches = [
             pa.ipc.read_record_batch(pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
             for stream in session.streams
-            for response in self.read_client.read_rows(stream.name)
+            for response in self.read_client.read_rows(stream.name, retry=READ_RETRY, timeout=10 * CALL_TIMEOUT)
         ]
         return pa.Table.from_batches(batches, schema=schema)
 
@@ -166,6 +192,12 @@ class BigQuerySource:
             self.client.delete_table(str(snapshot), not_found_ok=True)
         except NotFound:
             pass
+
+    def _run(self, query: str, config: bigquery.QueryJobConfig | None = None) -> bigquery.table.RowIterator:
+        return self.client.query(query, job_config=config, retry=FAST_RETRY).result(retry=FAST_RETRY)
+
+    def _scalar(self, query: str, config: bigquery.QueryJobConfig | None = None) -> Any:
+        return next(iter(self._run(query, config)))[0]
 
     @staticmethod
     def _tenant_param(tenant_id: str) -> bigquery.QueryJobConfig:

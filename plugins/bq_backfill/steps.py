@@ -60,7 +60,7 @@ def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
 
     try:
         conn = PostgresHook(postgres_conn_id=conn_id).get_conn()
-    except psycopg.OperationalError as exc:
+    except Exception as exc:  # not defined (AirflowNotFoundException), refused, bad password, unknown database
         raise ConnectionError(f"cannot connect to Postgres connection {conn_id!r}: {exc}".strip()) from exc
     if not isinstance(conn, psycopg.Connection):
         raise TypeError(f"connection {conn_id!r} did not give a psycopg 3 connection; install psycopg[binary]")
@@ -86,6 +86,13 @@ def source_table(s: Settings, bq: BigQuerySource) -> TableRef:
 
 
 def cleanup_stale_jobs(s: Settings, run: RunKey) -> dict[str, int]:
+    # Both connections and the source are checked before anything is deleted: a broken setup fails here.
+    bq = bigquery(s.gcp_conn_id)
+    source = source_table(s, bq)
+    try:
+        bq.check_source(s.model, source)
+    except Exception as exc:
+        raise ConnectionError(f"BigQuery connection {s.gcp_conn_id!r}: {exc}") from exc
     with postgres(s.postgres_conn_id) as conn:
         ledger.apply_schema(conn)
         deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type)
@@ -209,6 +216,10 @@ class PermanentChunkError(Exception):
     """An error that a retry cannot fix (bad data, a constraint, a trigger): fail now, clear when fixed."""
 
 
+class SourceReadError(Exception):
+    """Reading a chunk from BigQuery failed; transient or not as its cause is."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors worth a retry with backoff: the network, a restarted or overloaded server, a timeout.
     Anything else (bad data, a bug, a refused statement) fails at once; a retry would only repeat it."""
@@ -225,6 +236,8 @@ def is_transient(exc: BaseException) -> bool:
         gexc.DeadlineExceeded,
         grpc.RpcError,
     )
+    if isinstance(exc, SourceReadError) and exc.__cause__ is not None:
+        return is_transient(exc.__cause__)
     return isinstance(exc, transient) and not isinstance(exc, PermanentChunkError)
 
 
@@ -241,7 +254,12 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
 
     bq = bigquery(s.gcp_conn_id)
     t0 = time.monotonic()
-    rows = bq.read_rows(bq.table(job.snapshot_table), start, end, [*model.column_names, sink.OFFSET_COLUMN])
+    try:
+        rows = bq.read_rows(bq.table(job.snapshot_table), start, end, [*model.column_names, sink.OFFSET_COLUMN])
+    except Exception as exc:
+        raise SourceReadError(
+            f"{label}: BigQuery read of {job.snapshot_table} through connection {s.gcp_conn_id!r} failed: {exc}"
+        ) from exc
     t1 = time.monotonic()
     if rows.num_rows != end - start:
         raise RuntimeError(
@@ -356,6 +374,10 @@ def mark_job_failed(
     s: Settings, run: RunKey, task_label: str, error: BaseException | None, chunk_index: int = -1
 ) -> None:
     message = f"{task_label} failed: {error}" if error else f"{task_label} failed"
-    with postgres(s.postgres_conn_id) as conn:
-        ledger.fail_job(conn, run, message, chunk_index)
+    try:
+        with postgres(s.postgres_conn_id) as conn:
+            ledger.fail_job(conn, run, message, chunk_index)
+    except Exception as exc:  # e.g. the very connection that failed: the task's own error says it all
+        log.error("%s; the job row could not be marked failed either: %s", message, exc)
+        return
     log.error("backfill job for run %s marked failed: %s", run.run_id, message)
