@@ -133,7 +133,7 @@ def bigquery_backfill():
                 raise  # Airflow retries with backoff
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc  # fix the cause, then clear
 
-    @task(trigger_rule="none_failed")
+    @task(trigger_rule="all_done")  # also after a failed or killed chunk: the job must not stay `running`
     def finalize() -> dict[str, int]:
         from bq_backfill.steps import finalize as run
 

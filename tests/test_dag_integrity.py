@@ -38,7 +38,7 @@ def test_dag_shape(backfill_dag):
     load = dag.task_dict["load_chunk"]
     assert load.pool == "bigquery_backfill_postgres"
     assert load.retries == 3 and load.retry_exponential_backoff
-    assert dag.task_dict["finalize"].trigger_rule == "none_failed"
+    assert dag.task_dict["finalize"].trigger_rule == "all_done"
     for task in dag.tasks:
         assert task.on_failure_callback, f"{task.task_id} has no failure callback"
 

@@ -49,7 +49,7 @@ def test_failed_chunk_fails_the_run_and_the_job(pg, bq, backfill_dag):
     states = ti_states(dr)
     assert states[("load_chunk", 3)] == "failed"
     assert [i for (t, i), st in states.items() if t == "load_chunk" and st == "success"] == [0, 1, 2, 4]
-    assert states[("finalize", -1)] == "upstream_failed"
+    assert states[("finalize", -1)] == "failed"
     [job] = jobs(pg)
     assert job["status"] == "failed"
     assert "load_chunk[3]" in job["error_message"] and "refusing product P0000777" in job["error_message"]

@@ -4,6 +4,8 @@ and two triggers at once. api-server + scheduler + dag-processor run on 127.0.0.
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import psycopg
 import pytest
@@ -22,10 +24,12 @@ ACTIVE = (
 )
 
 
-@pytest.fixture
-def stack(tmp_path, bq_emulator, pg_admin, pg_server):
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, bq_emulator, pg_admin, pg_server):
     env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
-    with airflow_stack(tmp_path, services.free_port(), pg_admin, f"bq_backfill_airflow_{os.getpid()}", env) as running:
+    env["BACKFILL_CHUNK_RETRIES"] = "0"  # a killed chunk fails for good here: the test clears it by hand
+    home = tmp_path_factory.mktemp("airflow")
+    with airflow_stack(home, services.free_port(), pg_admin, f"bq_backfill_airflow_{os.getpid()}", env) as running:
         running.wait_for_dag(DAG)
         yield running
 
@@ -49,7 +53,7 @@ def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, pg_server, bq, sta
     assert stack.wait_run(DAG, run_a) == "failed"
     probe()  # from here on (the 207 legacy jobs are gone) at most one job may be pending/running
     states = stack.task_states(DAG, run_a)
-    assert states[("load_chunk", 1)] == "failed" and states[("finalize", -1)] == "upstream_failed"
+    assert states[("load_chunk", 1)] == "failed" and states[("finalize", -1)] == "failed"
     [job] = jobs(pg)
     assert job["status"] == "failed" and "refusing product" in job["error_message"]
     done_before = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"]) if c["status"] == "done"}
@@ -95,5 +99,65 @@ def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, pg_server, bq, sta
     assert seen_c_queued_while_b_running
     assert most_active == 1
     assert [j["status"] for j in jobs(pg)] == ["completed"] * 3  # one per run, none left pending or running
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+    watch.close()
+
+
+def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_finishes(pg, pg_server, bq, stack):
+    source = inventory_rows(SEED_TENANT, 3_000)
+    create_source(bq, source)
+    ledger.apply_schema(pg)
+    # the first write of one product of chunk 1 stalls, inside the chunk's transaction (a sequence is not rolled back)
+    pg.execute("CREATE SEQUENCE stall_attempts")
+    pg.execute(
+        """
+        CREATE FUNCTION stall_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.product_code = 'P0000777' AND nextval('stall_attempts') = 1 THEN PERFORM pg_sleep(8); END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER stall_once BEFORE INSERT ON inventory_movements FOR EACH ROW EXECUTE FUNCTION stall_once();
+        """
+    )
+    run_id = stack.trigger(DAG, conf(chunk_size=500))
+    watch = psycopg.connect(pg_server, autocommit=True)
+    stalled = None
+    for _ in range(1200):
+        stalled = watch.execute(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+            "AND application_name LIKE 'bigquery_backfill chunk %%'"
+        ).fetchone()
+        if stalled:
+            break
+        time.sleep(0.1)
+    assert stalled, "the stalled chunk never showed up"
+    backend, app = stalled
+    worker_pid = int(app.rsplit(" ", 1)[1])
+    os.kill(worker_pid, signal.SIGKILL)  # the task process dies in the middle of its upsert
+
+    assert stack.wait_run(DAG, run_id) == "failed"
+    for _ in range(300):  # the orphaned backend rolls back once its sleep ends and it finds the client gone
+        if not watch.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone():
+            break
+        time.sleep(0.1)
+    [job] = jobs(pg)
+    by_chunk = {c["chunk_index"]: c for c in chunks(pg, job["id"])}
+    assert by_chunk[1]["status"] != "done"
+    in_chunk_1 = pg.execute(
+        "SELECT count(*) FROM inventory_movements WHERE product_code BETWEEN 'P0000500' AND 'P0000999'"
+    ).fetchone()[0]
+    assert in_chunk_1 == 0  # nothing of the killed chunk landed
+    assert job["processed_records"] == sum(c["rows_read"] or 0 for c in by_chunk.values()) == 2_500
+    assert job["status"] == "failed", job  # marked by the failure callback the scheduler runs for a killed task
+
+    stack.api(
+        "POST",
+        f"/dags/{DAG}/clearTaskInstances",
+        json={"dry_run": False, "dag_run_id": run_id, "task_ids": [["load_chunk", 1]], "only_failed": True,
+              "include_downstream": True},
+    )  # fmt: skip
+    assert stack.wait_run(DAG, run_id) == "success"
+    [job] = jobs(pg)
+    assert job["status"] == "completed" and job["processed_records"] == job["total_records"] == 3_000
     assert target_rows(pg, SEED_TENANT) == as_tuples(source)
     watch.close()

@@ -178,6 +178,10 @@ def chunk_totals(conn: psycopg.Connection, job_id: str) -> dict[str, int]:
     return {k: int(v) for k, v in row.items()}
 
 
+def unfinished_chunks(conn: psycopg.Connection, job_id: str) -> list[dict[str, Any]]:
+    return _all(conn, "unfinished_chunks.sql", {"job_id": job_id})
+
+
 def complete_job(conn: psycopg.Connection, job_id: str) -> None:
     conn.execute(sql_text("complete_job.sql"), {"job_id": job_id})
 

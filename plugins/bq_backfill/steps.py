@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -268,6 +269,11 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
 
     try:
         with postgres(s.postgres_conn_id) as conn:
+            # shows in pg_stat_activity which chunk (and which worker process) a session belongs to
+            conn.execute(
+                "SELECT set_config('application_name', %s, true)",
+                [f"bigquery_backfill chunk {index} pid {os.getpid()}"],
+            )
             if ledger.lock_chunk(conn, job_id, index) == "done":  # another attempt finished it meanwhile
                 log.info("%s was finished by another attempt: skipped", label)
                 return {"read": 0, "skipped": 1}
@@ -323,12 +329,23 @@ def finalize(s: Settings, run: RunKey) -> dict[str, int]:
     with postgres(s.postgres_conn_id) as conn:
         job = ledger.find_run_job(conn, run)
         if job is None:
-            raise ReconciliationError(f"no job row for dag run {run.run_id}: plan_chunks did not run")
+            # fail, not skip: a skipped leaf would let Airflow call the run a success
+            raise ReconciliationError(f"no job for dag run {run.run_id}: cleanup or plan failed before creating it")
         totals = ledger.chunk_totals(conn, job.id)
+        unfinished = ledger.unfinished_chunks(conn, job.id)
+        if unfinished:
+            # Runs whatever happened upstream (trigger rule all_done): a chunk task killed before its own
+            # failure callback ran must not leave the job `running`.
+            message = f"{len(unfinished)} of {totals['chunks']} chunks did not finish: " + "; ".join(
+                f"#{c['chunk_index']} [{c['start_offset']}, {c['end_offset']}) "
+                + (c["error_message"] or "no error recorded (task killed or lost); clear it to run it again")
+                for c in unfinished[:10]
+            )
+            ledger.fail_job(conn, run, message)
+    if unfinished:
+        raise ReconciliationError(f"job {job.id}: {message}")
     landed = totals["inserted"] + totals["updated"] + totals["unchanged"] + totals["duplicate"]
     problems = []
-    if totals["chunks_pending"]:
-        problems.append(f"{totals['chunks_pending']} of {totals['chunks']} chunks not done")
     if totals["read"] != job.total_records:
         problems.append(f"rows read {totals['read']} != snapshot rows {job.total_records}")
     if totals["read"] != landed + totals["rejected"]:
