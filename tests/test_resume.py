@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from airflow_run import clear_with_downstream, drive
-from helpers import chunks, conf, jobs, ti_states
+from helpers import chunks, conf, jobs, table_state, ti_states
 from psycopg import sql
 
 from bq_backfill import ledger
@@ -97,3 +97,22 @@ def test_clearing_the_whole_run_reuses_the_job_and_skips_finished_chunks(pg, bq,
     ran = [ti.map_index for ti in dr.get_task_instances() if ti.task_id == "load_chunk" and ti.state == "success"]
     assert ran == [0]  # re-planned: only chunk 3 was left to do
     assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+
+
+def test_clearing_a_finished_run_changes_nothing(pg, bq, backfill_dag):
+    source = inventory_rows(SEED_TENANT, 700)
+    create_source(bq, source)
+    dr = backfill_dag.test(run_conf=conf())
+    assert dr.state == "success"
+    [job] = jobs(pg)
+    before = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"])}
+    rows_before = table_state(pg, "inventory_movements")
+
+    clear_with_downstream(backfill_dag, dr.run_id, ["cleanup_stale_jobs"], only_failed=False)
+    dr = drive(backfill_dag, dr.run_id)
+
+    assert dr.state == "success"
+    [again] = jobs(pg)  # the same job, completed again: no duplicate
+    assert again["id"] == job["id"] and again["status"] == "completed" and again["processed_records"] == 700
+    assert {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"])} == before  # nothing re-read
+    assert table_state(pg, "inventory_movements") == rows_before  # nothing deleted or rewritten
