@@ -5,7 +5,7 @@ VENV ?= .venv
 EMU_VENV ?= .venv-bqemulator
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: test lint install demo clean
+.PHONY: test lint install demo bench clean
 
 install: $(VENV)/.installed $(EMU_VENV)/.installed
 
@@ -33,3 +33,7 @@ clean:
 # The stuck tenant (207 jobs, 2% synced) and its fix by one DAG run under a real Airflow, on local services.
 demo: install
 	$(VENV)/bin/python -m devtools.demo
+
+# Throughput benchmark (see README "Performance"): ~10 minutes, prints a table, writes bench/results/.
+bench: install
+	$(VENV)/bin/python -m bench.run

@@ -164,7 +164,7 @@ def lock_chunk(conn: psycopg.Connection, job_id: str, chunk_index: int) -> str |
     return row["status"] if row else None
 
 
-def complete_chunk(conn: psycopg.Connection, job_id: str, chunk_index: int, counts: dict[str, int]) -> dict[str, int]:
+def complete_chunk(conn: psycopg.Connection, job_id: str, chunk_index: int, counts: dict[str, float]) -> dict[str, int]:
     row = _one(conn, "complete_chunk.sql", {"job_id": job_id, "chunk_index": chunk_index, **counts})
     if row is None:
         raise RuntimeError(f"chunk {chunk_index} of job {job_id} was not pending when it completed")

@@ -289,7 +289,8 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 "duplicate": rows.num_rows - rejected - up["distinct"],
                 "rejected": rejected,
             }
-            job_state = ledger.complete_chunk(conn, job_id, index, counts)
+            timing = {"read_seconds": t1 - t0, "write_seconds": time.monotonic() - t1}
+            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing})
     except psycopg.OperationalError:
         raise  # connection-level: a retry can succeed
     except psycopg.DatabaseError as exc:

@@ -1,0 +1,306 @@
+"""Throughput benchmark: this DAG against the raw-COPY ceiling and the google provider's BigQueryToPostgresOperator,
+on the same emulated BigQuery source and the same Postgres, in one run. Prints a table of medians and ratios,
+writes bench/results/results.json and bench/results/chart.png. `make bench` (or: .venv/bin/python -m bench.run).
+
+Timing is wall clock on a shared 2-core machine: quote medians and ratios to the ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOME = Path(tempfile.mkdtemp(prefix="bq_backfill_bench_"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME}/airflow.db",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+    }
+)
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
+
+import psycopg  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.csv as pa_csv  # noqa: E402
+
+from devtools import services  # noqa: E402
+from devtools.seed import OTHER_TENANT, PROJECT, SEED_TENANT, append_source, bq_client, create_source, inventory_table  # noqa: E402
+
+SOURCE_ROWS = 1_032_601
+OUT = ROOT / "bench" / "results"
+KEY = ("tenant_id", "movement_date", "branch_id", "product_code")
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def reset_target(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        from bq_backfill import ledger
+
+        ledger.apply_schema(conn)
+
+
+def ceiling(dsn: str, rows: pa.Table) -> float:
+    """One raw COPY of all rows (CSV rendered beforehand) into the empty keyed table."""
+    buf = io.BytesIO()
+    pa_csv.write_csv(rows, buf, pa_csv.WriteOptions(include_header=False))
+    data = buf.getvalue()
+    reset_target(dsn)
+    with psycopg.connect(dsn) as conn:
+        t = time.perf_counter()
+        with conn.cursor().copy(
+            f"COPY inventory_movements ({', '.join(rows.column_names)}) FROM STDIN (FORMAT csv)"
+        ) as copy:
+            copy.write(data)
+        conn.commit()
+        return time.perf_counter() - t
+
+
+class QueryCounter:
+    """Counts BigQuery query jobs made in this process, and those that read the source table."""
+
+    def __init__(self) -> None:
+        from google.cloud import bigquery
+
+        self.queries: list[str] = []
+        original = bigquery.Client.query
+
+        def counting(client, query, *args, **kwargs):
+            self.queries.append(query)
+            return original(client, query, *args, **kwargs)
+
+        bigquery.Client.query = counting
+
+    def take(self) -> dict:
+        source_scans = sum("`analytics`.`inventory_movements`" in q for q in self.queries)
+        out = {"queries": len(self.queries), "source_scans": source_scans}
+        self.queries = []
+        return out
+
+
+def dag_run(dag, dsn: str, chunk_size: int) -> dict:
+    t = time.perf_counter()
+    dr = dag.test(run_conf={"tenant_id": SEED_TENANT, "chunk_size": chunk_size})
+    wall = time.perf_counter() - t
+    if dr.state != "success":
+        raise RuntimeError(f"bench run failed: {dr.state}")
+    tis = dr.get_task_instances()
+    dur = {}
+    for ti in tis:
+        dur[ti.task_id] = dur.get(ti.task_id, 0.0) + (ti.duration or 0.0)
+    with psycopg.connect(dsn) as conn:
+        read_s, write_s = conn.execute(
+            "SELECT sum(read_seconds), sum(write_seconds) FROM backfill_chunks c JOIN bigquery_backfill_jobs j "
+            "ON j.id = c.job_id WHERE j.dag_run_id = %s",
+            (dr.run_id,),
+        ).fetchone()
+    return {
+        "wall_s": wall,
+        "cleanup_s": dur.get("cleanup_stale_jobs", 0.0),
+        "plan_snapshot_s": dur.get("plan_chunks", 0.0),
+        "chunks_s": dur.get("load_chunk", 0.0),
+        "chunk_read_s": float(read_s or 0),
+        "chunk_write_s": float(write_s or 0),
+        "finalize_s": dur.get("finalize", 0.0),
+    }
+
+
+def peer(dsn: str, rest: str) -> dict:
+    """The provider's BigQueryToPostgresOperator, replace=True on the conflict key, same source, same Postgres."""
+    from airflow.providers.google.cloud.transfers.bigquery_to_postgres import BigQueryToPostgresOperator
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # It sends TIMESTAMP as microseconds since the epoch: a bigint column takes it (timestamptz refuses it).
+        conn.execute(
+            "DROP TABLE IF EXISTS inventory_movements_peer; CREATE TABLE inventory_movements_peer ("
+            "tenant_id uuid, movement_date date, branch_id text, product_code text, quantity numeric(18,4), "
+            "unit_cost numeric(18,4), movement_type text, updated_at bigint, "
+            "UNIQUE (tenant_id, movement_date, branch_id, product_code))"
+        )
+    os.environ["BIGQUERY_EMULATOR_HOST"] = rest  # the only way to point this operator's client elsewhere
+    op = BigQueryToPostgresOperator(
+        task_id="peer",
+        dataset_table="analytics.inventory_movements",
+        target_table_name="inventory_movements_peer",
+        postgres_conn_id="postgres_default",
+        gcp_conn_id="google_cloud_default",
+        replace=True,
+        replace_index=list(KEY),
+        selected_fields=["tenant_id", "movement_date", "branch_id", "product_code", "quantity", "unit_cost",
+                         "movement_type", "updated_at"],
+        batch_size=10_000,
+    )  # fmt: skip
+    t = time.perf_counter()
+    try:
+        op.execute(context={})
+    finally:
+        del os.environ["BIGQUERY_EMULATOR_HOST"]
+    wall = time.perf_counter() - t
+    with psycopg.connect(dsn) as conn:
+        landed = conn.execute("SELECT count(*) FROM inventory_movements_peer").fetchone()[0]
+    return {"wall_s": wall, "rows_landed": landed}
+
+
+def chunk_rss(chunk_size: int) -> float:
+    """Peak RSS (MB) of a process doing what one load_chunk task does, for one chunk of chunk_size rows,
+    read from a snapshot of the whole tenant."""
+    from bq_backfill import ledger
+    from bq_backfill.models import get_model
+    from bq_backfill.source import BigQuerySource, TableRef
+
+    model = get_model("inventory")
+    src = BigQuerySource.from_connection("google_cloud_default")
+    snap = TableRef(src.project, "backfill_scratch", "bench_rss")
+    total = src.ensure_snapshot(model, src.table(model.source_table), SEED_TENANT, snap, src.now())
+    reset_target(os.environ["BENCH_DSN"])
+    with psycopg.connect(os.environ["BENCH_DSN"]) as conn:
+        job, _ = ledger.claim_job(
+            conn, ledger.RunKey("bench", f"rss-{chunk_size}"), tenant_id=SEED_TENANT, model_type="inventory",
+            total_records=total, chunk_size=chunk_size, source_table=model.source_table, snapshot_table=str(snap),
+            snapshot_at=src.now(),
+        )  # fmt: skip
+        ledger.plan_chunks(conn, job)
+        conn.commit()
+    code = (
+        "import json, resource, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/plugins'];"
+        "from bq_backfill import steps;"
+        "s = steps.Settings.from_params(json.loads(sys.argv[2])); chunk = json.loads(sys.argv[3]);"
+        "steps.load_chunk(s, chunk);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    params = {"tenant_id": SEED_TENANT, "model_type": "inventory", "chunk_size": chunk_size, "dry_run": False,
+              "max_rejected_rows": 0, "scratch_dataset": "backfill_scratch", "gcp_conn_id": "google_cloud_default",
+              "postgres_conn_id": "postgres_default"}  # fmt: skip
+    chunk = {"job_id": job.id, "chunk_index": 1, "start": chunk_size, "end": 2 * chunk_size, "chunks": 1}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), json.dumps(params), json.dumps(chunk)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measured configuration (median reported)")
+    parser.add_argument("--no-peer", action="store_true", help="skip BigQueryToPostgresOperator (~1.5 min)")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    results: dict = {"source_rows": SOURCE_ROWS, "repeat": args.repeat}
+    with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
+        dsn = services.recreate_database(admin, "backfill_bench")
+        os.environ["BENCH_DSN"] = dsn
+        os.environ["AIRFLOW_CONN_POSTGRES_DEFAULT"] = services.airflow_conn_uri(dsn)
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = services.gcp_connection(PROJECT, emu)
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+        client = bq_client(emu["rest"])
+        client.create_dataset("analytics", exists_ok=True)
+        rows = inventory_table(SEED_TENANT, SOURCE_ROWS)
+        create_source(client, rows)
+        append_source(client, inventory_table(OTHER_TENANT, 200_000, seed=3))
+        say(f"source: {SOURCE_ROWS:,} rows for one tenant + 200,000 of another; Postgres {admin.split('@')[-1]}")
+
+        ceilings = [ceiling(dsn, rows) for _ in range(args.repeat)]
+        results["ceiling_copy_s"] = statistics.median(ceilings)
+        say(f"ceiling (raw COPY, empty keyed table): {results['ceiling_copy_s']:.2f} s median of {ceilings}")
+
+        from airflow.dag_processing.dagbag import DagBag
+
+        dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill")
+        counter = QueryCounter()
+        cold, noop = [], []
+        for _ in range(args.repeat):
+            reset_target(dsn)
+            cold.append(dag_run(dag, dsn, 50_000))
+            noop.append(dag_run(dag, dsn, 50_000))
+        counter.take()
+        reset_target(dsn)
+        dag_run(dag, dsn, 50_000)
+        results["bigquery_per_backfill"] = counter.take()
+        results["dag_cold"] = {k: statistics.median(r[k] for r in cold) for k in cold[0]}
+        results["dag_noop"] = {k: statistics.median(r[k] for r in noop) for k in noop[0]}
+        say(f"this DAG, cold:   {results['dag_cold']}")
+        say(f"this DAG, re-run: {results['dag_noop']}")
+
+        sweep = {}
+        for size in (10_000, 25_000, 50_000, 100_000, 200_000):
+            reset_target(dsn)
+            sweep[size] = dag_run(dag, dsn, size)["wall_s"]
+            say(f"chunk_size {size:>7,}: {sweep[size]:.1f} s cold")
+        results["chunk_size_sweep_cold_s"] = sweep
+
+        results["chunk_task_peak_rss_mb"] = {size: chunk_rss(size) for size in (10_000, 50_000, 200_000)}
+        say(f"chunk task peak RSS (MB) by chunk size: {results['chunk_task_peak_rss_mb']}")
+
+        if not args.no_peer:
+            reset_target(dsn)
+            results["peer"] = peer(dsn, emu["rest"])
+            say(f"BigQueryToPostgresOperator: {results['peer']}")
+        services.drop_database(admin, "backfill_bench")
+
+    c = results["ceiling_copy_s"]
+    old_loop_queries = -(-SOURCE_ROWS // 500)
+    ours = results["bigquery_per_backfill"]
+    table = [
+        ("raw COPY (ceiling)", c, 1.0, "-"),
+        ("this DAG, cold", results["dag_cold"]["wall_s"], results["dag_cold"]["wall_s"] / c,
+         f"{ours['queries']} queries, {ours['source_scans']} source scan"),
+        ("this DAG, nothing changed", results["dag_noop"]["wall_s"], results["dag_noop"]["wall_s"] / c, "same"),
+    ]  # fmt: skip
+    if "peer" in results:
+        p = results["peer"]["wall_s"]
+        table.append(("BigQueryToPostgresOperator", p, p / c, "tabledata.list of the whole table (every tenant)"))
+        results["speedup_vs_peer"] = p / results["dag_cold"]["wall_s"]
+    table.append(("old loop (estimate)", 30 * 60, 30 * 60 / c, f"{old_loop_queries:,} queries, each a full scan"))
+    say("\n| path | median s | × raw COPY | BigQuery |\n|---|---|---|---|")
+    for name, secs, ratio, bq in table:
+        say(f"| {name} | {secs:.1f} | {ratio:.2f}× | {bq} |")
+    if "speedup_vs_peer" in results:
+        say(f"\nthis DAG is {results['speedup_vs_peer']:.1f}× faster than BigQueryToPostgresOperator")
+    (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    chart(table, results)
+    say(f"\nwrote {OUT / 'results.json'} and {OUT / 'chart.png'}")
+    return 0
+
+
+def chart(table: list, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [row[0] for row in table if row[0] != "old loop (estimate)"]
+    secs = [row[1] for row in table if row[0] != "old loop (estimate)"]
+    left.barh(names, secs, color=["#999", "#2a7", "#7c4", "#c55"][: len(names)])
+    left.set_xlabel(f"seconds for {SOURCE_ROWS:,} rows (median)")
+    left.invert_yaxis()
+    for i, v in enumerate(secs):
+        left.text(v, i, f" {v:.1f} s", va="center")
+    sweep = results["chunk_size_sweep_cold_s"]
+    right.plot([int(k) for k in sweep], list(sweep.values()), marker="o")
+    right.set_xscale("log")
+    right.set_xlabel("chunk_size (rows)")
+    right.set_ylabel("cold backfill, seconds")
+    right.set_title("chunk-size sweep")
+    fig.tight_layout()
+    fig.savefig(OUT / "chart.png", dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
