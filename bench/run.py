@@ -178,11 +178,12 @@ def chunk_rss(chunk_size: int) -> float:
         ledger.plan_chunks(conn, job)
         conn.commit()
     code = (
-        "import json, resource, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/plugins'];"
+        "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/plugins'];"
         "from bq_backfill import steps;"
         "s = steps.Settings.from_params(json.loads(sys.argv[2])); chunk = json.loads(sys.argv[3]);"
         "steps.load_chunk(s, chunk);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        # VmHWM, not ru_maxrss: the latter keeps the forking parent's size across exec
+        "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024)"
     )
     params = {"tenant_id": SEED_TENANT, "model_type": "inventory", "chunk_size": chunk_size, "dry_run": False,
               "max_rejected_rows": 0, "scratch_dataset": "backfill_scratch", "gcp_conn_id": "google_cloud_default",
@@ -199,8 +200,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measured configuration (median reported)")
     parser.add_argument("--no-peer", action="store_true", help="skip BigQueryToPostgresOperator (~1.5 min)")
+    parser.add_argument(
+        "--rss-only", type=int, metavar="SOURCE_ROWS",
+        help="only measure chunk-task peak RSS with this many source rows; merged into results.json",
+    )  # fmt: skip
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.rss_only:
+        return rss_only(args.rss_only)
     results: dict = {"source_rows": SOURCE_ROWS, "repeat": args.repeat}
     with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
         dsn = services.recreate_database(admin, "backfill_bench")
@@ -275,6 +282,29 @@ def main() -> int:
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
     chart(table, results)
     say(f"\nwrote {OUT / 'results.json'} and {OUT / 'chart.png'}")
+    return 0
+
+
+def rss_only(source_rows: int) -> int:
+    """Peak RSS of one chunk task at 10k/50k/200k rows, with `source_rows` rows of the tenant in the snapshot."""
+    path = OUT / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
+        dsn = services.recreate_database(admin, "backfill_bench")
+        os.environ["BENCH_DSN"] = dsn
+        os.environ["AIRFLOW_CONN_POSTGRES_DEFAULT"] = services.airflow_conn_uri(dsn)
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = services.gcp_connection(PROJECT, emu)
+        client = bq_client(emu["rest"])
+        client.create_dataset("analytics", exists_ok=True)
+        create_source(client, inventory_table(SEED_TENANT, min(source_rows, 1_000_000)))
+        for start in range(1_000_000, source_rows, 1_000_000):  # in slices: bounded memory here and in the emulator
+            batch = inventory_table(SEED_TENANT, min(source_rows, start + 1_000_000), seed=0).slice(start)
+            append_source(client, batch)
+        rss = {size: chunk_rss(size) for size in (10_000, 50_000, 200_000)}
+        services.drop_database(admin, "backfill_bench")
+    results.setdefault("chunk_task_peak_rss_mb_by_source_rows", {})[str(source_rows)] = rss
+    say(f"chunk task peak RSS (MB) with {source_rows:,} source rows: {rss}")
+    path.write_text(json.dumps(results, indent=2, default=str))
     return 0
 
 
