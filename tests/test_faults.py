@@ -164,7 +164,7 @@ def test_postgres_connections_terminated_mid_chunk_are_retried(pg, bq, backfill_
             for _ in range(600):
                 got = admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE query LIKE '%%INSERT INTO%%inventory_movements%%' AND wait_event = 'PgSleep'"
+                    "WHERE application_name LIKE 'bigquery_backfill chunk %%' AND wait_event = 'PgSleep'"
                 ).fetchall()
                 if got:
                     terminated.extend(got)

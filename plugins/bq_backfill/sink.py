@@ -11,6 +11,7 @@ import json
 
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -55,6 +56,50 @@ def _dumps(row: dict) -> str:
     # jsonb cannot hold U+0000: show it as the text \u0000 instead
     clean = {k: v.replace("\x00", "\\u0000") if isinstance(v, str) else v for k, v in row.items()}
     return json.dumps(clean, default=str, ensure_ascii=False)
+
+
+def insert_into_empty_range(conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.Table) -> int | None:
+    """The cold-target fast path: COPY the rows straight into the target when none of their keys can be there.
+
+    Offsets follow the key order, so a chunk covers one key range; if the target holds no row of this tenant in
+    that range and the chunk has no duplicate key, an upsert would insert every row: COPY does the same at the
+    cost of a plain COPY. Returns the rows inserted, or None when the upsert path must be taken (a row in the
+    range, a duplicate key, or a concurrent writer's row making the COPY fail, which is then undone).
+    """
+    if rows.num_rows == 0:
+        return 0
+    key_cols = list(model.conflict_key[1:])
+    ordered = rows.select(key_cols).sort_by([(c, "ascending") for c in key_cols])
+    same_as_previous = None
+    for c in key_cols:
+        col = ordered[c]
+        equal = pc.equal(col.slice(1), col.slice(0, len(col) - 1))
+        same_as_previous = equal if same_as_previous is None else pc.and_(same_as_previous, equal)
+    if same_as_previous is not None and pc.any(same_as_previous).as_py():
+        return None
+    first, last = ordered.slice(0, 1).to_pylist()[0], ordered.slice(len(ordered) - 1, 1).to_pylist()[0]
+    key = sql.SQL(", ").join(map(sql.Identifier, key_cols))
+    marks = sql.SQL(", ").join(sql.Placeholder() * len(key_cols))
+    occupied = conn.execute(
+        sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {target} WHERE {tenant} = %s AND ({key}) >= ({lo}) AND ({key}) <= ({hi}))"
+        ).format(
+            target=sql.Identifier(model.target_table),
+            tenant=sql.Identifier(model.tenant_column),
+            key=key,
+            lo=marks,
+            hi=marks,
+        ),
+        [tenant_id, *(first[c] for c in key_cols), *(last[c] for c in key_cols)],
+    ).fetchone()
+    if occupied is None or occupied[0]:
+        return None
+    try:
+        with conn.transaction():  # a savepoint: a row written meanwhile by someone else undoes only this COPY
+            _copy_arrow(conn, sql.Identifier(model.target_table), rows.select(list(model.column_names)))
+    except psycopg.errors.UniqueViolation:
+        return None
+    return rows.num_rows
 
 
 def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:

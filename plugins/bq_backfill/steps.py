@@ -279,8 +279,12 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 return {"read": 0, "skipped": 1}
             good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
             rejected = sink.quarantine(conn, job_id, index, bad)
-            sink.stage_rows(conn, model, good)
-            up = sink.upsert_staged(conn, model)
+            fresh = sink.insert_into_empty_range(conn, model, s.tenant_id, good)
+            if fresh is not None:
+                up = {"distinct": fresh, "inserted": fresh, "updated": 0}
+            else:
+                sink.stage_rows(conn, model, good)
+                up = sink.upsert_staged(conn, model)
             counts = {
                 "read": rows.num_rows,
                 "inserted": up["inserted"],
