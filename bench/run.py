@@ -20,23 +20,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = Path(tempfile.mkdtemp(prefix="bq_backfill_bench_"))
-os.environ.update(
-    {
-        "AIRFLOW_HOME": str(HOME),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME}/airflow.db",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
-    }
-)
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
+
+from devtools import services  # noqa: E402
+
+os.environ.update({**services.airflow_home_env(HOME), "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING"})
 
 import psycopg  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.csv as pa_csv  # noqa: E402
 
-from devtools import services  # noqa: E402
 from devtools.seed import OTHER_TENANT, PROJECT, SEED_TENANT, append_source, bq_client, create_source, inventory_table  # noqa: E402
 
 SOURCE_ROWS = 1_032_601

@@ -32,6 +32,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def airflow_home_env(home: Path) -> dict[str, str]:
+    """Environment for an in-process Airflow (dag.test) on SQLite in `home`, with this project's dags and plugins.
+    Set it before anything imports airflow: its configuration is read at import time."""
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+    }
+
+
 def _answers(dsn: str) -> bool:
     try:
         with psycopg.connect(dsn, connect_timeout=3):

@@ -17,14 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 _HOME = Path(tempfile.mkdtemp(prefix="bq_backfill_airflow_"))
 
+for path in (ROOT, ROOT / "plugins", ROOT / "tests"):
+    sys.path.insert(0, str(path))
+
+from devtools import services  # noqa: E402
+from devtools.seed import PROJECT  # noqa: E402
+
 os.environ.update(
     {
-        "AIRFLOW_HOME": str(_HOME),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME}/airflow.db",
+        **services.airflow_home_env(_HOME),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "NO_PROXY": "127.0.0.1,localhost",
         # chunk retries as deployed (3, exponential backoff) but starting at 1 s instead of 30 s
@@ -32,11 +33,6 @@ os.environ.update(
         "BACKFILL_BIGQUERY_RETRY_SECONDS": "1",
     }
 )
-for path in (ROOT, ROOT / "plugins", ROOT / "tests"):
-    sys.path.insert(0, str(path))
-
-from devtools import services  # noqa: E402
-from devtools.seed import PROJECT  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from psycopg import sql
+
 from devtools.seed import SEED_TENANT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,3 +51,26 @@ def scratch_tables(bq, dataset: str = "backfill_scratch") -> list[str]:
     if not any(d.dataset_id == dataset for d in bq.list_datasets()):
         return []
     return [t.table_id for t in bq.list_tables(dataset)]
+
+
+def stall_first_write(pg, product_code: str, seconds: int) -> None:
+    """The first write of one product sleeps inside its chunk's transaction; later attempts pass (a sequence is
+    not rolled back with the transaction)."""
+    pg.execute("CREATE SEQUENCE stall_attempts")
+    pg.execute(
+        """
+        CREATE FUNCTION stall_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.product_code = TG_ARGV[0] AND nextval('stall_attempts') = 1 THEN
+                PERFORM pg_sleep(TG_ARGV[1]::int);
+            END IF;
+            RETURN NEW;
+        END $$;
+        """
+    )
+    pg.execute(
+        sql.SQL(
+            "CREATE TRIGGER stall_once BEFORE INSERT ON inventory_movements "
+            "FOR EACH ROW EXECUTE FUNCTION stall_once({}, {})"
+        ).format(sql.Literal(product_code), sql.Literal(str(seconds)))
+    )

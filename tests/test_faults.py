@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 from airflow_run import clear_with_downstream, drive
-from helpers import chunks, conf, jobs, table_state
+from helpers import chunks, conf, jobs, stall_first_write, table_state
 from test_resume import poison_trigger
 
 from bq_backfill import ledger
@@ -145,18 +145,7 @@ def test_bigquery_down_for_good_fails_naming_bigquery_and_writes_nothing(
 
 def test_postgres_connections_terminated_mid_chunk_are_retried(pg, bq, backfill_dag):
     rows = _stuck(pg, bq)
-    # the first write of one product stalls (a sequence is not rolled back: later attempts pass)
-    pg.execute("CREATE SEQUENCE stall_attempts")
-    pg.execute(
-        """
-        CREATE FUNCTION stall_once() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.product_code = 'P0000300' AND nextval('stall_attempts') = 1 THEN PERFORM pg_sleep(60); END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER stall_once BEFORE INSERT ON inventory_movements FOR EACH ROW EXECUTE FUNCTION stall_once();
-        """
-    )
+    stall_first_write(pg, "P0000300", seconds=60)  # inside the chunk's transaction
     terminated = []
 
     def terminator() -> None:

@@ -9,7 +9,7 @@ import time
 
 import psycopg
 import pytest
-from helpers import chunks, conf, jobs
+from helpers import chunks, conf, jobs, stall_first_write
 from test_resume import POISON, poison_trigger
 
 from bq_backfill import ledger
@@ -107,18 +107,7 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
     source = inventory_rows(SEED_TENANT, 3_000)
     create_source(bq, source)
     ledger.apply_schema(pg)
-    # the first write of one product of chunk 1 stalls, inside the chunk's transaction (a sequence is not rolled back)
-    pg.execute("CREATE SEQUENCE stall_attempts")
-    pg.execute(
-        """
-        CREATE FUNCTION stall_once() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.product_code = 'P0000777' AND nextval('stall_attempts') = 1 THEN PERFORM pg_sleep(8); END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER stall_once BEFORE INSERT ON inventory_movements FOR EACH ROW EXECUTE FUNCTION stall_once();
-        """
-    )
+    stall_first_write(pg, "P0000777", seconds=8)  # inside the chunk's transaction
     run_id = stack.trigger(DAG, conf(chunk_size=500))
     watch = psycopg.connect(pg_server, autocommit=True)
     stalled = None
