@@ -201,7 +201,10 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     if args.rss_only:
         return rss_only(args.rss_only)
-    results: dict = {"source_rows": SOURCE_ROWS, "repeat": args.repeat}
+    path = OUT / "results.json"
+    # measurements not repeated in this run (--no-peer, --rss-only) keep their earlier figures
+    results: dict = json.loads(path.read_text()) if path.exists() else {}
+    results.update({"source_rows": SOURCE_ROWS, "repeat": args.repeat})
     with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
         dsn = services.recreate_database(admin, "backfill_bench")
         os.environ["BENCH_DSN"] = dsn
@@ -244,8 +247,9 @@ def main() -> int:
             say(f"chunk_size {size:>7,}: {sweep[size]:.1f} s cold")
         results["chunk_size_sweep_cold_s"] = sweep
 
-        results["chunk_task_peak_rss_mb"] = {size: chunk_rss(size) for size in (10_000, 50_000, 200_000)}
-        say(f"chunk task peak RSS (MB) by chunk size: {results['chunk_task_peak_rss_mb']}")
+        rss = {str(size): chunk_rss(size) for size in (10_000, 50_000, 200_000)}
+        results.setdefault("chunk_task_peak_rss_mb_by_source_rows", {})[str(SOURCE_ROWS)] = rss
+        say(f"chunk task peak RSS (MB) by chunk size: {rss}")
 
         if not args.no_peer:
             reset_target(dsn)
