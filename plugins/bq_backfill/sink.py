@@ -25,15 +25,23 @@ STAGE = sql.Identifier("backfill_stage")
 
 def stage_rows(conn: psycopg.Connection, model: Model, rows: pa.Table) -> None:
     """COPY the chunk into a temp table that has the model's columns but none of the target's constraints."""
-    columns = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns
+    _temp_table_from_arrow(conn, STAGE, model, model.column_names, rows)
+
+
+def _temp_table_from_arrow(
+    conn: psycopg.Connection, table: sql.Identifier, model: Model, columns: tuple[str, ...], rows: pa.Table
+) -> None:
+    """A transaction-scoped temp table of the given model columns (their types, no constraints) plus the source
+    offset, filled from the Arrow rows with COPY."""
+    typed = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns if c.name in columns
     )
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} ({}, {} bigint) ON COMMIT DROP").format(
-            STAGE, columns, sql.Identifier(OFFSET_COLUMN)
+            table, typed, sql.Identifier(OFFSET_COLUMN)
         )
     )
-    _copy_arrow(conn, STAGE, rows.select([*model.column_names, OFFSET_COLUMN]))
+    _copy_arrow(conn, table, rows.select([*columns, OFFSET_COLUMN]))
 
 
 def quarantine(conn: psycopg.Connection, job_id: str, chunk_index: int, rejected: Rejected) -> int:
@@ -150,13 +158,7 @@ def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id:
     target, not counting rows this job quarantined."""
     key_cols = model.conflict_key[1:]
     tmp = sql.Identifier("backfill_keys")
-    typed = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns if c.name in key_cols
-    )
-    conn.execute(
-        sql.SQL("CREATE TEMP TABLE {} ({}, {} bigint) ON COMMIT DROP").format(tmp, typed, sql.Identifier(OFFSET_COLUMN))
-    )
-    _copy_arrow(conn, tmp, keys.select([*key_cols, OFFSET_COLUMN]))
+    _temp_table_from_arrow(conn, tmp, model, key_cols, keys)
     match = sql.SQL(" AND ").join(sql.SQL("t.{0} = k.{0}").format(sql.Identifier(c)) for c in key_cols)
     row = conn.execute(
         sql.SQL(
