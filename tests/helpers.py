@@ -74,3 +74,19 @@ def stall_first_write(pg, product_code: str, seconds: int) -> None:
             "FOR EACH ROW EXECUTE FUNCTION stall_once({}, {})"
         ).format(sql.Literal(product_code), sql.Literal(str(seconds)))
     )
+
+
+def wait_for_stalled_chunk(conn, timeout: float = 120) -> tuple[int, str] | None:
+    """(backend pid, application_name) of a chunk session sleeping in stall_first_write's trigger, once one is."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+            "AND application_name LIKE 'bigquery_backfill chunk %%'"
+        ).fetchone()
+        if row:
+            return row
+        time.sleep(0.1)
+    return None

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import psycopg
 import pytest
 from airflow_run import clear_with_downstream, drive
-from helpers import chunks, conf, jobs, stall_first_write, table_state
+from helpers import chunks, conf, jobs, stall_first_write, table_state, wait_for_stalled_chunk
 from test_resume import poison_trigger
 
 from bq_backfill import ledger
@@ -150,15 +149,9 @@ def test_postgres_connections_terminated_mid_chunk_are_retried(pg, bq, backfill_
 
     def terminator() -> None:
         with psycopg.connect(pg.info.dsn, autocommit=True) as admin:
-            for _ in range(600):
-                got = admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name LIKE 'bigquery_backfill chunk %%' AND wait_event = 'PgSleep'"
-                ).fetchall()
-                if got:
-                    terminated.extend(got)
-                    return
-                time.sleep(0.1)
+            stalled = wait_for_stalled_chunk(admin, timeout=60)
+            if stalled:
+                terminated.append(admin.execute("SELECT pg_terminate_backend(%s)", (stalled[0],)).fetchone())
 
     watcher = threading.Thread(target=terminator)
     watcher.start()

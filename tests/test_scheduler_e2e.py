@@ -9,7 +9,7 @@ import time
 
 import psycopg
 import pytest
-from helpers import chunks, conf, jobs, stall_first_write
+from helpers import chunks, conf, jobs, stall_first_write, wait_for_stalled_chunk
 from test_resume import POISON, poison_trigger
 
 from bq_backfill import ledger
@@ -110,15 +110,7 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
     stall_first_write(pg, "P0000777", seconds=8)  # inside the chunk's transaction
     run_id = stack.trigger(DAG, conf(chunk_size=500))
     watch = psycopg.connect(pg_server, autocommit=True)
-    stalled = None
-    for _ in range(1200):
-        stalled = watch.execute(
-            "SELECT pid, application_name FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
-            "AND application_name LIKE 'bigquery_backfill chunk %%'"
-        ).fetchone()
-        if stalled:
-            break
-        time.sleep(0.1)
+    stalled = wait_for_stalled_chunk(watch, timeout=120)
     assert stalled, "the stalled chunk never showed up"
     backend, app = stalled
     worker_pid = int(app.rsplit(" ", 1)[1])
