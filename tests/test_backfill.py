@@ -65,6 +65,8 @@ def test_one_run_replaces_207_jobs_with_one_and_syncs_every_row(pg, bq, backfill
     assert sum(c["rows_inserted"] for c in done) == SOURCE_ROWS - 40
     assert sum(c["rows_updated"] for c in done) == 14
     assert sum(c["rows_unchanged"] for c in done) == 26
+    # the first chunk holds the rows the old loop synced; the others land in an empty key range with one COPY
+    assert [c["write_path"] for c in done] == ["upsert"] + ["copy"] * 8
     progress = pg.execute(
         "SELECT last_offset, records_synced, status FROM backfill_source_progress WHERE job_id = %s", (job["id"],)
     ).fetchall()
@@ -103,6 +105,7 @@ def test_second_run_changes_no_row(pg, bq, backfill_dag):
     counts = chunks(pg, second["id"])
     assert sum(c["rows_inserted"] + c["rows_updated"] for c in counts) == 0
     assert sum(c["rows_unchanged"] for c in counts) == SOURCE_ROWS
+    assert {c["write_path"] for c in counts} == {"unchanged"}  # compared, nothing staged or upserted
 
 
 def test_dry_run_writes_nothing(pg, bq, backfill_dag):

@@ -3,7 +3,7 @@ WITH chunk AS (
     UPDATE backfill_chunks
     SET status = 'done', rows_read = %(read)s, rows_inserted = %(inserted)s, rows_updated = %(updated)s,
         rows_unchanged = %(unchanged)s, rows_duplicate = %(duplicate)s, rows_rejected = %(rejected)s,
-        read_seconds = %(read_seconds)s, write_seconds = %(write_seconds)s,
+        read_seconds = %(read_seconds)s, write_seconds = %(write_seconds)s, write_path = %(write_path)s,
         completed_at = now(), error_message = NULL
     WHERE job_id = %(job_id)s AND chunk_index = %(chunk_index)s AND status <> 'done'
     RETURNING job_id

@@ -164,8 +164,11 @@ def lock_chunk(conn: psycopg.Connection, job_id: str, chunk_index: int) -> str |
     return row["status"] if row else None
 
 
-def complete_chunk(conn: psycopg.Connection, job_id: str, chunk_index: int, counts: dict[str, float]) -> dict[str, int]:
-    row = _one(conn, "complete_chunk.sql", {"job_id": job_id, "chunk_index": chunk_index, **counts})
+def complete_chunk(
+    conn: psycopg.Connection, job_id: str, chunk_index: int, counts: dict[str, float], write_path: str
+) -> dict[str, int]:
+    params = {"job_id": job_id, "chunk_index": chunk_index, "write_path": write_path, **counts}
+    row = _one(conn, "complete_chunk.sql", params)
     if row is None:
         raise RuntimeError(f"chunk {chunk_index} of job {job_id} was not pending when it completed")
     conn.execute(sql_text("update_progress.sql"), {"job_id": job_id, "read": counts["read"]})

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from psycopg import sql
+from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 from bq_backfill.models import Model
@@ -21,6 +23,7 @@ from bq_backfill.validate import Rejected
 
 OFFSET_COLUMN = "_row_offset"
 STAGE = sql.Identifier("backfill_stage")
+COPY_SLICE_ROWS = 16_384  # rows of CSV rendered at a time (about 2 MB)
 
 
 def stage_rows(conn: psycopg.Connection, model: Model, rows: pa.Table) -> None:
@@ -66,16 +69,36 @@ def _dumps(row: dict) -> str:
     return json.dumps(clean, default=str, ensure_ascii=False)
 
 
-def insert_into_empty_range(conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.Table) -> int | None:
-    """The cold-target fast path: COPY the rows straight into the target when none of their keys can be there.
+@dataclass(frozen=True)
+class Landed:
+    """How a chunk's rows reached the target: `copy` (empty key range: one COPY), `unchanged` (every row already
+    there with the same values: nothing written) or `upsert` (staged, then INSERT ... ON CONFLICT)."""
 
-    Offsets follow the key order, so a chunk covers one key range; if the target holds no row of this tenant in
-    that range and the chunk has no duplicate key, an upsert would insert every row: COPY does the same at the
-    cost of a plain COPY. Returns the rows inserted, or None when the upsert path must be taken (a row in the
-    range, a duplicate key, or a concurrent writer's row making the COPY fail, which is then undone).
-    """
+    path: str
+    distinct: int
+    inserted: int
+    updated: int
+
+
+def land_rows(conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.Table) -> Landed:
+    """Writes validated rows (every key column set) to the target by the cheapest path that gives the upsert's
+    result. Offsets follow the key order, so a chunk covers one key range of the tenant: the target's rows in that
+    range decide the path."""
     if rows.num_rows == 0:
-        return 0
+        return Landed("unchanged", 0, 0, 0)
+    bounds = _key_bounds(model, rows)
+    if bounds is not None:  # no duplicate key in the chunk
+        existing = _target_rows_in_range(conn, model, tenant_id, *bounds, rows.schema)
+        if existing is not None and existing.num_rows == 0 and _copy_into_empty_range(conn, model, rows):
+            return Landed("copy", rows.num_rows, rows.num_rows, 0)
+        if existing is not None and _same_rows(model, rows, existing):
+            return Landed("unchanged", rows.num_rows, 0, 0)
+    stage_rows(conn, model, rows)
+    return Landed("upsert", **upsert_staged(conn, model))
+
+
+def _key_bounds(model: Model, rows: pa.Table) -> tuple[list, list] | None:
+    """The chunk's first and last key (byte order, as BigQuery sorts), or None if a key occurs twice."""
     key_cols = list(model.conflict_key[1:])
     ordered = rows.select(key_cols).sort_by([(c, "ascending") for c in key_cols])
     same_as_previous = None
@@ -86,28 +109,72 @@ def insert_into_empty_range(conn: psycopg.Connection, model: Model, tenant_id: s
     if same_as_previous is not None and pc.any(same_as_previous).as_py():
         return None
     first, last = ordered.slice(0, 1).to_pylist()[0], ordered.slice(len(ordered) - 1, 1).to_pylist()[0]
+    return [first[c] for c in key_cols], [last[c] for c in key_cols]
+
+
+def _target_rows_in_range(
+    conn: psycopg.Connection, model: Model, tenant_id: str, first: list, last: list, schema: pa.Schema
+) -> pa.Table | None:
+    """The tenant's target rows with first <= key <= last, as Arrow of the chunk's column types (COPY TO as CSV,
+    parsed by Arrow), or None if a value does not parse back into its type (then the upsert decides)."""
+    key_cols = model.conflict_key[1:]
+    columns = [c for c in model.column_names if c != model.tenant_column]
     key = sql.SQL(", ").join(map(sql.Identifier, key_cols))
     marks = sql.SQL(", ").join(sql.Placeholder() * len(key_cols))
-    occupied = conn.execute(
-        sql.SQL(
-            "SELECT EXISTS (SELECT 1 FROM {target} WHERE {tenant} = %s AND ({key}) >= ({lo}) AND ({key}) <= ({hi}))"
-        ).format(
-            target=sql.Identifier(model.target_table),
-            tenant=sql.Identifier(model.tenant_column),
-            key=key,
-            lo=marks,
-            hi=marks,
-        ),
-        [tenant_id, *(first[c] for c in key_cols), *(last[c] for c in key_cols)],
-    ).fetchone()
-    if occupied is None or occupied[0]:
-        return None
+    query = sql.SQL(
+        "COPY (SELECT {cols} FROM {target} WHERE {tenant} = %s AND ({key}) >= ({lo}) AND ({key}) <= ({hi})) "
+        "TO STDOUT (FORMAT csv)"
+    ).format(
+        cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        target=sql.Identifier(model.target_table),
+        tenant=sql.Identifier(model.tenant_column),
+        key=key,
+        lo=marks,
+        hi=marks,
+    )
+    # timestamps come out as UTC with an explicit offset, whatever the server's default TimeZone
+    conn.execute("SELECT set_config('TimeZone', 'UTC', true)")
+    buffer = io.BytesIO()
+    with conn.cursor() as cur, cur.copy(query, [tenant_id, *first, *last]) as pipe:
+        for data in pipe:
+            buffer.write(data)
+    if buffer.tell() == 0:
+        return schema.empty_table().select(columns)
+    buffer.seek(0)
     try:
-        with conn.transaction():  # a savepoint: a row written meanwhile by someone else undoes only this COPY
+        return pa_csv.read_csv(
+            buffer,
+            read_options=pa_csv.ReadOptions(column_names=columns),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={c: schema.field(c).type for c in columns},
+                null_values=[""],  # COPY's NULL; an empty string is written quoted and stays ""
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _same_rows(model: Model, rows: pa.Table, existing: pa.Table) -> bool:
+    """True when the target already holds every chunk row with equal values, and nothing else in its range."""
+    if rows.num_rows != existing.num_rows:
+        return False
+    order = [(c, "ascending") for c in model.conflict_key[1:]]
+    incoming, existing = rows.select(existing.column_names).sort_by(order), existing.sort_by(order)
+    return all(incoming[c].equals(existing[c]) for c in existing.column_names)
+
+
+def _copy_into_empty_range(conn: psycopg.Connection, model: Model, rows: pa.Table) -> bool:
+    """COPY straight into the target: what an upsert would do when no key of the chunk is there, at the cost of a
+    plain COPY. Inside a savepoint: a row written meanwhile by someone else makes the COPY fail with a unique
+    violation, which undoes only the COPY (returns False: take the upsert path)."""
+    try:
+        with conn.transaction():
             _copy_arrow(conn, sql.Identifier(model.target_table), rows.select(list(model.column_names)))
     except psycopg.errors.UniqueViolation:
-        return None
-    return rows.num_rows
+        return False
+    return True
 
 
 def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
@@ -181,14 +248,29 @@ def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id:
 
 def _copy_arrow(conn: psycopg.Connection, table: sql.Identifier, rows: pa.Table) -> None:
     """COPY an Arrow table into a table with the same column names, as CSV rendered by Arrow (no Python rows).
-    CSV NULL is an unquoted empty field; an empty string is written quoted, so both survive."""
-    buffer = io.BytesIO()
-    pa_csv.write_csv(rows, buffer, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
+
+    CSV NULL is an unquoted empty field; an empty string is written quoted, so both survive. The CSV is rendered a
+    slice at a time while a writer thread sends the previous slices: Arrow formats on one core while the server
+    parses on the other, and only a few slices of text are held at once.
+    """
+    rows = _csv_ready(rows)
     copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
         table, sql.SQL(", ").join(map(sql.Identifier, rows.column_names))
     )
-    with conn.cursor() as cur, cur.copy(copy) as pipe:
-        view = buffer.getbuffer()
-        step = 1 << 20
-        for start in range(0, len(view), step):
-            pipe.write(view[start : start + step])
+    options = pa_csv.WriteOptions(include_header=False, quoting_style="needed")
+    with conn.cursor() as cur, cur.copy(copy, writer=QueuedLibpqWriter(cur)) as pipe:
+        for batch in rows.to_batches(max_chunksize=COPY_SLICE_ROWS):
+            buffer = io.BytesIO()
+            pa_csv.write_csv(batch, buffer, options)
+            pipe.write(buffer.getbuffer())
+
+
+def _csv_ready(rows: pa.Table) -> pa.Table:
+    """Timestamps with a time zone as UTC text with an explicit offset: Arrow's CSV writer formats them ~40x slower
+    than this cast, and the offset makes Postgres read them the same whatever the session's TimeZone."""
+    for i, field in enumerate(rows.schema):
+        if pa.types.is_timestamp(field.type) and field.type.tz is not None:
+            naive_utc = pc.cast(rows.column(i), pa.timestamp(field.type.unit))
+            text = pc.binary_join_element_wise(pc.cast(naive_utc, pa.string()), "+00", "")
+            rows = rows.set_column(i, field.name, text)
+    return rows

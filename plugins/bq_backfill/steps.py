@@ -279,22 +279,17 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 return {"read": 0, "skipped": 1}
             good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
             rejected = sink.quarantine(conn, job_id, index, bad)
-            fresh = sink.insert_into_empty_range(conn, model, s.tenant_id, good)
-            if fresh is not None:
-                up = {"distinct": fresh, "inserted": fresh, "updated": 0}
-            else:
-                sink.stage_rows(conn, model, good)
-                up = sink.upsert_staged(conn, model)
+            landed = sink.land_rows(conn, model, s.tenant_id, good)
             counts = {
                 "read": rows.num_rows,
-                "inserted": up["inserted"],
-                "updated": up["updated"],
-                "unchanged": up["distinct"] - up["inserted"] - up["updated"],
-                "duplicate": rows.num_rows - rejected - up["distinct"],
+                "inserted": landed.inserted,
+                "updated": landed.updated,
+                "unchanged": landed.distinct - landed.inserted - landed.updated,
+                "duplicate": rows.num_rows - rejected - landed.distinct,
                 "rejected": rejected,
             }
             timing = {"read_seconds": t1 - t0, "write_seconds": time.monotonic() - t1}
-            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing})
+            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing}, landed.path)
     except psycopg.OperationalError:
         raise  # connection-level: a retry can succeed
     except psycopg.DatabaseError as exc:
@@ -302,7 +297,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     t2 = time.monotonic()
     log.info(
         "%s: read %d · inserted %d · updated %d · unchanged %d · duplicate %d · rejected %d · "
-        "%.0f rows/s (read %.2f s, upsert %.2f s) · job %d/%d rows",
+        "written by %s · %.0f rows/s (read %.2f s, write %.2f s) · job %d/%d rows",
         label,
         counts["read"],
         counts["inserted"],
@@ -310,6 +305,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
         counts["unchanged"],
         counts["duplicate"],
         counts["rejected"],
+        landed.path,
         counts["read"] / max(t2 - t0, 1e-9),
         t1 - t0,
         t2 - t1,

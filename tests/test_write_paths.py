@@ -1,0 +1,115 @@
+"""How a chunk reaches the target: one COPY into an empty key range, nothing at all when every row is already there
+with the same values, the upsert otherwise. The cheap paths must never hide a difference, however small."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from decimal import Decimal
+
+import psycopg
+import pyarrow as pa
+from helpers import chunks, conf, jobs, table_state
+
+from bq_backfill import ledger, sink
+from bq_backfill.models import get_model
+from devtools.seed import ARROW_SCHEMA, SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
+
+MODEL = get_model("inventory")
+
+
+def _source_with_edge_values() -> list[dict]:
+    rows = inventory_rows(SEED_TENANT, 1_500)
+    rows[10]["movement_type"] = None
+    rows[270]["movement_type"] = ""
+    rows[520]["updated_at"] = rows[520]["updated_at"].replace(microsecond=123_456)
+    rows[780]["quantity"] = Decimal("1.2345")
+    return rows
+
+
+def test_a_rerun_rewrites_exactly_the_rows_that_differ_however_slightly(pg, bq, backfill_dag):
+    source = _source_with_edge_values()
+    create_source(bq, source)
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+    assert {c["write_path"] for c in chunks(pg, jobs(pg)[0]["id"])} == {"copy"}
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+
+    def set_value(i: int, assignment: str, *values) -> None:
+        r = source[i]
+        pg.execute(
+            f"UPDATE inventory_movements SET {assignment} "  # noqa: S608 - fixed test text
+            "WHERE tenant_id = %s AND movement_date = %s AND branch_id = %s AND product_code = %s",
+            (*values, SEED_TENANT, r["movement_date"], r["branch_id"], r["product_code"]),
+        )
+
+    set_value(10, "movement_type = ''")  # source NULL, target empty string (chunk 0)
+    set_value(270, "movement_type = NULL")  # source empty string, target NULL (chunk 1)
+    set_value(520, "updated_at = updated_at + interval '1 microsecond'")  # (chunk 2)
+    set_value(780, "quantity = quantity + 0.0001")  # (chunk 3)
+    extra = {**source[1100], "product_code": source[1100]["product_code"] + "x"}  # a key not in the source, in
+    pg.execute(  # chunk 4's key range: the target keeps it, the chunk must not be called unchanged
+        "INSERT INTO inventory_movements SELECT tenant_id, movement_date, branch_id, %s, quantity, unit_cost, "
+        "movement_type, updated_at FROM inventory_movements WHERE tenant_id = %s AND product_code = %s",
+        (extra["product_code"], SEED_TENANT, source[1100]["product_code"]),
+    )
+    last_chunk = table_state(pg, "inventory_movements", "product_code >= %s", (source[1250]["product_code"],))
+
+    dr = backfill_dag.test(run_conf=conf())
+
+    assert dr.state == "success"
+    done = chunks(pg, jobs(pg)[1]["id"])
+    assert [c["write_path"] for c in done] == ["upsert"] * 5 + ["unchanged"]
+    assert [c["rows_updated"] for c in done] == [1, 1, 1, 1, 0, 0]
+    assert [c["rows_inserted"] for c in done] == [0] * 6
+    assert target_rows(pg, SEED_TENANT) == as_tuples([*source, extra])
+    assert table_state(pg, "inventory_movements", "product_code >= %s", (source[1250]["product_code"],)) == last_chunk
+
+
+def _chunk_rows(rows: list[dict]) -> pa.Table:
+    table = pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
+    return table.append_column(sink.OFFSET_COLUMN, pa.array(range(len(rows)), pa.int64()))
+
+
+def test_a_row_written_by_someone_else_during_the_copy_turns_it_into_an_upsert(pg, pg_server):
+    ledger.apply_schema(pg)
+    rows = inventory_rows(SEED_TENANT, 500)
+    # Another session writes a key of the chunk and has not committed when the chunk checks its key range.
+    other = psycopg.connect(pg_server)
+    theirs = {**rows[300], "movement_type": "theirs"}
+    other.execute(
+        "INSERT INTO inventory_movements VALUES (%(tenant_id)s, %(movement_date)s, %(branch_id)s, %(product_code)s, "
+        "%(quantity)s, %(unit_cost)s, %(movement_type)s, %(updated_at)s)",
+        theirs,
+    )
+    landed: list[sink.Landed] = []
+
+    def land() -> None:
+        with psycopg.connect(pg_server) as conn, conn.transaction():
+            landed.append(sink.land_rows(conn, MODEL, SEED_TENANT, _chunk_rows(rows)))
+
+    writer = threading.Thread(target=land)
+    writer.start()
+    deadline = time.monotonic() + 30
+    while not pg.execute(  # the chunk's COPY waits on the other session's uncommitted key
+        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'COPY%%'"
+    ).fetchone():
+        assert time.monotonic() < deadline and writer.is_alive(), "the COPY never waited on the other writer"
+        time.sleep(0.05)
+    other.commit()
+    other.close()
+    writer.join(30)
+
+    assert landed == [sink.Landed("upsert", distinct=500, inserted=499, updated=1)]
+    assert target_rows(pg, SEED_TENANT) == as_tuples(rows)  # the chunk's value won: it is the source's
+
+
+def test_a_session_in_another_time_zone_writes_and_compares_the_same_instants(pg, pg_server):
+    ledger.apply_schema(pg)
+    rows = inventory_rows(SEED_TENANT, 300)
+    for i, r in enumerate(rows):
+        r["updated_at"] += timedelta(microseconds=i)
+    for expected in ("copy", "unchanged"):
+        with psycopg.connect(pg_server, options="-c TimeZone=Asia/Kolkata") as conn, conn.transaction():
+            assert sink.land_rows(conn, MODEL, SEED_TENANT, _chunk_rows(rows)).path == expected
+        assert target_rows(pg, SEED_TENANT) == as_tuples(rows)
