@@ -14,7 +14,15 @@ from helpers import chunks, conf, jobs, table_state
 
 from bq_backfill import ledger, sink
 from bq_backfill.models import get_model
-from devtools.seed import ARROW_SCHEMA, SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
+from devtools.seed import (
+    ARROW_SCHEMA,
+    SEED_TENANT,
+    as_tuples,
+    create_source,
+    insert_target,
+    inventory_rows,
+    target_rows,
+)
 
 MODEL = get_model("inventory")
 
@@ -113,3 +121,27 @@ def test_a_session_in_another_time_zone_writes_and_compares_the_same_instants(pg
         with psycopg.connect(pg_server, options="-c TimeZone=Asia/Kolkata") as conn, conn.transaction():
             assert sink.land_rows(conn, MODEL, SEED_TENANT, _chunk_rows(rows)).path == expected
         assert target_rows(pg, SEED_TENANT) == as_tuples(rows)
+
+
+def test_a_chunk_larger_than_a_slice_lands_slice_by_slice_in_one_transaction(pg, bq, backfill_dag, monkeypatch):
+    monkeypatch.setenv("BACKFILL_SLICE_ROWS", "100")  # chunks of 250 read and write 100 + 100 + 50 rows
+    source = inventory_rows(SEED_TENANT, 1_000)
+    # offsets 99 and 100 share a key across a slice boundary: the later one (by updated_at) must win
+    source[100] = {**source[100], "product_code": source[99]["product_code"], "movement_type": "later"}
+    create_source(bq, source)
+    ledger.apply_schema(pg)
+    insert_target(pg, source[150:200])  # the second slice of the first chunk is partly there already
+
+    dr = backfill_dag.test(run_conf=conf())
+
+    assert dr.state == "success"
+    done = chunks(pg, jobs(pg)[0]["id"])
+    assert [c["write_path"] for c in done] == ["copy+upsert", "copy", "copy", "copy"]
+    first = done[0]
+    assert (first["rows_read"], first["rows_inserted"], first["rows_updated"], first["rows_unchanged"]) == (
+        250,
+        199,
+        1,  # offset 100 over offset 99, written by the previous slice of the same chunk
+        50,
+    )
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source[:99] + source[100:])

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -242,6 +243,15 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, transient) and not isinstance(exc, PermanentChunkError)
 
 
+def slice_rows() -> int:
+    """Rows read and written at a time inside a chunk (BACKFILL_SLICE_ROWS, default 50,000): bounds a chunk task's
+    memory whatever chunk_size is."""
+    value = int(os.environ.get("BACKFILL_SLICE_ROWS", "50000"))
+    if value < 1:
+        raise ValueError(f"BACKFILL_SLICE_ROWS must be a positive number of rows, not {value}")
+    return value
+
+
 def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     model = s.model
     job_id, index, start, end = chunk["job_id"], chunk["chunk_index"], chunk["start"], chunk["end"]
@@ -254,21 +264,33 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
         job = ledger.find_job_by_id(conn, job_id)
 
     bq = bigquery(s.gcp_conn_id)
+    snapshot, columns = bq.table(job.snapshot_table), [*model.column_names, sink.OFFSET_COLUMN]
+
+    def read(lo: int, hi: int) -> Any:
+        try:
+            rows = bq.read_rows(snapshot, lo, hi, columns)
+        except Exception as exc:
+            raise SourceReadError(
+                f"{label}: BigQuery read of {job.snapshot_table} rows [{lo}, {hi}) through connection "
+                f"{s.gcp_conn_id!r} failed: {exc}"
+            ) from exc
+        if rows.num_rows != hi - lo:
+            raise RuntimeError(
+                f"{label}: snapshot {job.snapshot_table} returned {rows.num_rows} rows for [{lo}, {hi}), "
+                f"expected {hi - lo}"
+            )
+        return rows
+
+    # A chunk is one transaction, read and written a slice at a time: memory follows the slice, not the chunk,
+    # and the next slice is read from BigQuery while this one is written to Postgres.
+    step = slice_rows()
+    slices = [(lo, min(lo + step, end)) for lo in range(start, end, step)]
+    counts = dict.fromkeys(("read", "inserted", "updated", "unchanged", "duplicate", "rejected"), 0)
+    paths: list[str] = []
+    read_seconds = write_seconds = 0.0
     t0 = time.monotonic()
     try:
-        rows = bq.read_rows(bq.table(job.snapshot_table), start, end, [*model.column_names, sink.OFFSET_COLUMN])
-    except Exception as exc:
-        raise SourceReadError(
-            f"{label}: BigQuery read of {job.snapshot_table} through connection {s.gcp_conn_id!r} failed: {exc}"
-        ) from exc
-    t1 = time.monotonic()
-    if rows.num_rows != end - start:
-        raise RuntimeError(
-            f"{label}: snapshot {job.snapshot_table} returned {rows.num_rows} rows, expected {end - start}"
-        )
-
-    try:
-        with postgres(s.postgres_conn_id) as conn:
+        with postgres(s.postgres_conn_id) as conn, ThreadPoolExecutor(1, thread_name_prefix="bq-read") as reader:
             # shows in pg_stat_activity which chunk (and which worker process) a session belongs to
             conn.execute(
                 "SELECT set_config('application_name', %s, true)",
@@ -277,19 +299,29 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
             if ledger.lock_chunk(conn, job_id, index) == "done":  # another attempt finished it meanwhile
                 log.info("%s was finished by another attempt: skipped", label)
                 return {"read": 0, "skipped": 1}
-            good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
-            rejected = sink.quarantine(conn, job_id, index, bad)
-            landed = sink.land_rows(conn, model, s.tenant_id, good)
-            counts = {
-                "read": rows.num_rows,
-                "inserted": landed.inserted,
-                "updated": landed.updated,
-                "unchanged": landed.distinct - landed.inserted - landed.updated,
-                "duplicate": rows.num_rows - rejected - landed.distinct,
-                "rejected": rejected,
-            }
-            timing = {"read_seconds": t1 - t0, "write_seconds": time.monotonic() - t1}
-            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing}, landed.path)
+            pending = reader.submit(read, *slices[0])
+            for n, _ in enumerate(slices):
+                waited = time.monotonic()
+                rows = pending.result()
+                read_seconds += time.monotonic() - waited
+                if n + 1 < len(slices):
+                    pending = reader.submit(read, *slices[n + 1])
+                written = time.monotonic()
+                good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
+                rejected = sink.quarantine(conn, job_id, index, bad)
+                landed = sink.land_rows(conn, model, s.tenant_id, good)
+                counts["read"] += rows.num_rows
+                counts["inserted"] += landed.inserted
+                counts["updated"] += landed.updated
+                counts["unchanged"] += landed.distinct - landed.inserted - landed.updated
+                counts["duplicate"] += rows.num_rows - rejected - landed.distinct
+                counts["rejected"] += rejected
+                paths.append(landed.path)
+                del rows, good, bad
+                write_seconds += time.monotonic() - written
+            path = "+".join(dict.fromkeys(paths))  # e.g. "copy", or "upsert+copy" for a chunk whose slices differ
+            timing = {"read_seconds": read_seconds, "write_seconds": write_seconds}
+            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing}, path)
     except psycopg.OperationalError:
         raise  # connection-level: a retry can succeed
     except psycopg.DatabaseError as exc:
@@ -297,7 +329,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     t2 = time.monotonic()
     log.info(
         "%s: read %d · inserted %d · updated %d · unchanged %d · duplicate %d · rejected %d · "
-        "written by %s · %.0f rows/s (read %.2f s, write %.2f s) · job %d/%d rows",
+        "written by %s · %.0f rows/s (waited for BigQuery %.2f s, wrote %.2f s) · job %d/%d rows",
         label,
         counts["read"],
         counts["inserted"],
@@ -305,10 +337,10 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
         counts["unchanged"],
         counts["duplicate"],
         counts["rejected"],
-        landed.path,
+        path,
         counts["read"] / max(t2 - t0, 1e-9),
-        t1 - t0,
-        t2 - t1,
+        read_seconds,
+        write_seconds,
         job_state["processed_records"],
         job_state["total_records"],
     )
