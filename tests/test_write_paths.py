@@ -74,6 +74,26 @@ def test_a_rerun_rewrites_exactly_the_rows_that_differ_however_slightly(pg, bq, 
     assert table_state(pg, "inventory_movements", "product_code >= %s", (source[1250]["product_code"],)) == last_chunk
 
 
+TRICKY_TEXT = ["a,b", 'say "hi"', "(paren", "paren)", "()", "multi\nline", "back\\slash", " padded ", "ünï€ødé", "",
+               None, "NULL", "\\N", "tab\there"]  # fmt: skip
+
+
+def test_text_that_needs_quoting_compares_equal_on_a_rerun(pg, bq, backfill_dag):
+    source = inventory_rows(SEED_TENANT, 600)
+    for i, r in enumerate(source):
+        r["movement_type"] = TRICKY_TEXT[i % len(TRICKY_TEXT)]
+        r["branch_id"] = f"({r['branch_id']}, x)" if i % 7 == 0 else r["branch_id"]  # in the key too
+    create_source(bq, source)
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+    before = table_state(pg, "inventory_movements")
+
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+
+    assert {c["write_path"] for c in chunks(pg, jobs(pg)[1]["id"])} == {"unchanged"}
+    assert table_state(pg, "inventory_movements") == before
+
+
 def _chunk_rows(rows: list[dict]) -> pa.Table:
     table = pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
     return table.append_column(sink.OFFSET_COLUMN, pa.array(range(len(rows)), pa.int64()))
