@@ -76,7 +76,13 @@ def _chunk_index(context) -> int:
     params={
         "tenant_id": Param(type="string", format="uuid", description="Tenant whose rows are backfilled."),
         "model_type": Param("inventory", type="string", enum=sorted(MODELS), description="What to backfill."),
-        "chunk_size": Param(50_000, type="integer", minimum=100, maximum=500_000, description="Rows per chunk."),
+        "chunk_size": Param(
+            200_000,
+            type="integer",
+            minimum=100,
+            maximum=500_000,
+            description="Rows per chunk: one task and one transaction each, read and written in slices of 20,000.",
+        ),
         "dry_run": Param(False, type="boolean", description="Log the cleanup and the plan; write nothing."),
         "max_rejected_rows": Param(
             0, type="integer", minimum=0, description="Rows allowed in quarantine before the run fails."

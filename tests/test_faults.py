@@ -185,3 +185,24 @@ def test_source_changes_after_plan_do_not_move_rows_between_chunks(pg, bq, backf
     assert target_rows(pg, SEED_TENANT) == as_tuples(rows)  # exactly the snapshot: nothing skipped or doubled
     [job] = jobs(pg)
     assert job["processed_records"] == job["total_records"] == 1_200
+
+
+def test_a_row_deleted_after_its_chunk_landed_fails_finalize_with_the_count(pg, bq, backfill_dag):
+    rows = _stuck(pg, bq)
+    # someone else deletes two landed rows, committed with chunk 1 (the trigger runs in its transaction)
+    pg.execute(
+        "CREATE FUNCTION lose_rows() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "DELETE FROM inventory_movements WHERE product_code IN ('P0000300', 'P0000301'); RETURN NULL; END $$"
+    )
+    pg.execute(
+        "CREATE TRIGGER lose_rows AFTER UPDATE OF status ON backfill_chunks FOR EACH ROW "
+        "WHEN (NEW.status = 'done' AND NEW.chunk_index = 1) EXECUTE FUNCTION lose_rows()"
+    )
+
+    dr = backfill_dag.test(run_conf=conf())
+
+    assert dr.state == "failed"
+    [job] = jobs(pg)
+    assert job["status"] == "failed"
+    assert "2 source keys of the snapshot have no row in inventory_movements" in job["error_message"]
+    assert len(target_rows(pg, SEED_TENANT)) == len(rows) - 2

@@ -165,3 +165,22 @@ def test_a_chunk_larger_than_a_slice_lands_slice_by_slice_in_one_transaction(pg,
         50,
     )
     assert target_rows(pg, SEED_TENANT) == as_tuples(source[:99] + source[100:])
+
+
+def test_a_target_value_arrow_cannot_read_takes_the_exact_sql_paths(pg, bq, backfill_dag):
+    source = inventory_rows(SEED_TENANT, 600)
+    create_source(bq, source)
+    ledger.apply_schema(pg)
+    # a row outside the source with dates Arrow has no value for: every range holding it, and the final key
+    # check, must fall back to Postgres's own comparison
+    pg.execute(
+        "INSERT INTO inventory_movements VALUES (%s, 'infinity', 'BR-00', 'P-far', 1, 1, 'x', 'infinity'), "
+        "(%s, %s, %s, 'P0000001a', 1, 1, 'x', '-infinity')",
+        (SEED_TENANT, SEED_TENANT, source[1]["movement_date"], source[1]["branch_id"]),
+    )
+
+    dr = backfill_dag.test(run_conf=conf())
+
+    assert dr.state == "success"
+    assert [c["write_path"] for c in chunks(pg, jobs(pg)[0]["id"])] == ["upsert", "copy", "copy"]
+    assert pg.execute("SELECT count(*) FROM inventory_movements").fetchone() == (602,)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -115,32 +116,42 @@ def _key_bounds(model: Model, rows: pa.Table) -> tuple[list, list] | None:
 def _target_rows_in_range(
     conn: psycopg.Connection, model: Model, tenant_id: str, first: list, last: list, schema: pa.Schema
 ) -> pa.Table | None:
-    """The tenant's target rows with first <= key <= last, as Arrow of the chunk's column types, or None if a value
-    does not parse back into its type (then the upsert decides).
+    """The tenant's target rows with first <= key <= last, in the chunk's column types (None: see _target_rows)."""
+    key = sql.SQL(", ").join(map(sql.Identifier, model.conflict_key[1:]))
+    marks = sql.SQL(", ").join(sql.Placeholder() * (len(model.conflict_key) - 1))
+    in_range = sql.SQL("({key}) >= ({lo}) AND ({key}) <= ({hi})").format(key=key, lo=marks, hi=marks)
+    columns = [c for c in model.column_names if c != model.tenant_column]
+    return _target_rows(conn, model, tenant_id, columns, schema, in_range, [*first, *last])
+
+
+def _target_rows(
+    conn: psycopg.Connection,
+    model: Model,
+    tenant_id: str,
+    columns: list[str],
+    schema: pa.Schema,
+    where: sql.Composable | None = None,
+    params: Sequence[object] = (),
+) -> pa.Table | None:
+    """The tenant's target rows (these columns, matching `where`) as Arrow in the types of `schema`, or None if a
+    value does not parse back into its type (then the caller takes the slow, exact path).
 
     The rows come back as one text value, each row in Postgres's record syntax (CSV-like: NULL is an empty field,
     an empty string is "", a value with a separator, quote, backslash or parenthesis is quoted), parsed by Arrow's
     CSV reader: a row-by-row fetch or COPY TO spends more time in Python per row than the whole comparison takes.
     """
-    key_cols = model.conflict_key[1:]
-    columns = [c for c in model.column_names if c != model.tenant_column]
-    key = sql.SQL(", ").join(map(sql.Identifier, key_cols))
-    marks = sql.SQL(", ").join(sql.Placeholder() * len(key_cols))
     query = sql.SQL(
         # btrim drops the record's parentheses: a value that starts or ends with one is quoted, so no more goes
-        "SELECT string_agg(btrim(ROW({cols})::text, '()'), E'\\n') FROM {target} "
-        "WHERE {tenant} = %s AND ({key}) >= ({lo}) AND ({key}) <= ({hi})"
+        "SELECT string_agg(btrim(ROW({cols})::text, '()'), E'\\n') FROM {target} WHERE {tenant} = %s AND ({where})"
     ).format(
         cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
         target=sql.Identifier(model.target_table),
         tenant=sql.Identifier(model.tenant_column),
-        key=key,
-        lo=marks,
-        hi=marks,
+        where=where or sql.SQL("TRUE"),
     )
     # timestamps come out as UTC with an explicit offset, whatever the server's default TimeZone
     conn.execute("SELECT set_config('TimeZone', 'UTC', true)")
-    row = conn.execute(query, [tenant_id, *first, *last]).fetchone()
+    row = conn.execute(query, [tenant_id, *params]).fetchone()
     if row is None or row[0] is None:
         return schema.empty_table().select(columns)
     try:
@@ -226,25 +237,30 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
 
 def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id: str, keys: pa.Table) -> int:
     """How many source rows (key columns and _row_offset of the snapshot) have no row with their key in the
-    target, not counting rows this job quarantined."""
-    key_cols = model.conflict_key[1:]
+    target, not counting rows this job quarantined. An Arrow anti-join of the snapshot's keys with the tenant's
+    target keys; if those do not parse back (see _target_rows), a Postgres anti-join against a temp table."""
+    key_cols = list(model.conflict_key[1:])
+    quarantined = conn.execute("SELECT source_offset FROM backfill_quarantine WHERE job_id = %s", [job_id]).fetchall()
+    if quarantined:
+        offsets = pa.array([r[0] for r in quarantined], pa.int64())
+        keys = keys.filter(pc.invert(pc.is_in(keys[OFFSET_COLUMN], value_set=offsets)))
+    existing = _target_rows(conn, model, tenant_id, key_cols, keys.schema)
+    if existing is not None:
+        return keys.select(key_cols).join(existing, keys=key_cols, join_type="left anti").num_rows
     tmp = sql.Identifier("backfill_keys")
-    _temp_table_from_arrow(conn, tmp, model, key_cols, keys)
+    _temp_table_from_arrow(conn, tmp, model, tuple(key_cols), keys)
     match = sql.SQL(" AND ").join(sql.SQL("t.{0} = k.{0}").format(sql.Identifier(c)) for c in key_cols)
     row = conn.execute(
         sql.SQL(
             "SELECT count(*) FROM {tmp} k "
-            "WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.{tenant} = %(tenant_id)s AND {match}) "
-            "AND NOT EXISTS (SELECT 1 FROM backfill_quarantine q "
-            "WHERE q.job_id = %(job_id)s AND q.source_offset = k.{off})"
+            "WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.{tenant} = %(tenant_id)s AND {match})"
         ).format(
             tmp=tmp,
             target=sql.Identifier(model.target_table),
             tenant=sql.Identifier(model.tenant_column),
             match=match,
-            off=sql.Identifier(OFFSET_COLUMN),
         ),
-        {"tenant_id": tenant_id, "job_id": job_id},
+        {"tenant_id": tenant_id},
     ).fetchone()
     assert row is not None
     return int(row[0])

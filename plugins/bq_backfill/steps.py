@@ -244,9 +244,9 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def slice_rows() -> int:
-    """Rows read and written at a time inside a chunk (BACKFILL_SLICE_ROWS, default 50,000): bounds a chunk task's
+    """Rows read and written at a time inside a chunk (BACKFILL_SLICE_ROWS, default 20,000): bounds a chunk task's
     memory whatever chunk_size is."""
-    value = int(os.environ.get("BACKFILL_SLICE_ROWS", "50000"))
+    value = int(os.environ.get("BACKFILL_SLICE_ROWS", "20000"))
     if value < 1:
         raise ValueError(f"BACKFILL_SLICE_ROWS must be a positive number of rows, not {value}")
     return value
