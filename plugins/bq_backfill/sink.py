@@ -36,10 +36,11 @@ def _temp_table_from_arrow(
     conn: psycopg.Connection, table: sql.Identifier, model: Model, columns: tuple[str, ...], rows: pa.Table
 ) -> None:
     """A transaction-scoped temp table of the given model columns (their types, no constraints) plus the source
-    offset, filled from the Arrow rows with COPY."""
+    offset, filled from the Arrow rows with COPY. Replaces the previous slice's table of the same transaction."""
     typed = sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns if c.name in columns
     )
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(table))
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} ({}, {} bigint) ON COMMIT DROP").format(
             table, typed, sql.Identifier(OFFSET_COLUMN)
@@ -87,9 +88,10 @@ def land_rows(conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.T
     range decide the path."""
     if rows.num_rows == 0:
         return Landed("unchanged", 0, 0, 0)
-    bounds = _key_bounds(model, rows)
-    if bounds is not None:  # no duplicate key in the chunk
-        existing = _target_rows_in_range(conn, model, tenant_id, *bounds, rows.schema)
+    keys = _key_range(model, rows)
+    if not keys.duplicates:
+        columns = [c for c in model.column_names if c != model.tenant_column]
+        existing = _target_rows_in_range(conn, model, tenant_id, keys, columns, rows.schema)
         if existing is not None and existing.num_rows == 0 and _copy_into_empty_range(conn, model, rows):
             return Landed("copy", rows.num_rows, rows.num_rows, 0)
         if existing is not None and _same_rows(model, rows, existing):
@@ -98,8 +100,14 @@ def land_rows(conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.T
     return Landed("upsert", **upsert_staged(conn, model))
 
 
-def _key_bounds(model: Model, rows: pa.Table) -> tuple[list, list] | None:
-    """The chunk's first and last key (byte order, as BigQuery sorts), or None if a key occurs twice."""
+@dataclass(frozen=True)
+class KeyRange:
+    first: list  # key columns after the tenant, smallest first in byte order (as BigQuery sorts)
+    last: list
+    duplicates: bool  # whether a key occurs more than once
+
+
+def _key_range(model: Model, rows: pa.Table) -> KeyRange:
     key_cols = list(model.conflict_key[1:])
     ordered = rows.select(key_cols).sort_by([(c, "ascending") for c in key_cols])
     same_as_previous = None
@@ -107,21 +115,19 @@ def _key_bounds(model: Model, rows: pa.Table) -> tuple[list, list] | None:
         col = ordered[c]
         equal = pc.equal(col.slice(1), col.slice(0, len(col) - 1))
         same_as_previous = equal if same_as_previous is None else pc.and_(same_as_previous, equal)
-    if same_as_previous is not None and pc.any(same_as_previous).as_py():
-        return None
+    duplicates = same_as_previous is not None and bool(pc.any(same_as_previous).as_py())
     first, last = ordered.slice(0, 1).to_pylist()[0], ordered.slice(len(ordered) - 1, 1).to_pylist()[0]
-    return [first[c] for c in key_cols], [last[c] for c in key_cols]
+    return KeyRange([first[c] for c in key_cols], [last[c] for c in key_cols], duplicates)
 
 
 def _target_rows_in_range(
-    conn: psycopg.Connection, model: Model, tenant_id: str, first: list, last: list, schema: pa.Schema
+    conn: psycopg.Connection, model: Model, tenant_id: str, keys: KeyRange, columns: list[str], schema: pa.Schema
 ) -> pa.Table | None:
-    """The tenant's target rows with first <= key <= last, in the chunk's column types (None: see _target_rows)."""
+    """The tenant's target rows with first <= key <= last, in the types of `schema` (None: see _target_rows)."""
     key = sql.SQL(", ").join(map(sql.Identifier, model.conflict_key[1:]))
     marks = sql.SQL(", ").join(sql.Placeholder() * (len(model.conflict_key) - 1))
     in_range = sql.SQL("({key}) >= ({lo}) AND ({key}) <= ({hi})").format(key=key, lo=marks, hi=marks)
-    columns = [c for c in model.column_names if c != model.tenant_column]
-    return _target_rows(conn, model, tenant_id, columns, schema, in_range, [*first, *last])
+    return _target_rows(conn, model, tenant_id, columns, schema, in_range, [*keys.first, *keys.last])
 
 
 def _target_rows(
@@ -236,17 +242,30 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
 
 
 def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id: str, keys: pa.Table) -> int:
-    """How many source rows (key columns and _row_offset of the snapshot) have no row with their key in the
-    target, not counting rows this job quarantined. An Arrow anti-join of the snapshot's keys with the tenant's
-    target keys; if those do not parse back (see _target_rows), a Postgres anti-join against a temp table."""
+    """How many of these source rows (key columns and _row_offset of one offset range of the snapshot) have no row
+    with their key in the target, not counting rows this job quarantined. An Arrow anti-join with the target's keys
+    in the same key range; the keys it leaves (or all, if the target's do not parse back: see _target_rows) are
+    checked by a Postgres anti-join against a temp table of them."""
     key_cols = list(model.conflict_key[1:])
-    quarantined = conn.execute("SELECT source_offset FROM backfill_quarantine WHERE job_id = %s", [job_id]).fetchall()
+    if keys.num_rows == 0:
+        return 0
+    offsets = keys[OFFSET_COLUMN]
+    quarantined = conn.execute(
+        "SELECT source_offset FROM backfill_quarantine WHERE job_id = %s AND source_offset BETWEEN %s AND %s",
+        [job_id, pc.min(offsets).as_py(), pc.max(offsets).as_py()],
+    ).fetchall()
     if quarantined:
-        offsets = pa.array([r[0] for r in quarantined], pa.int64())
-        keys = keys.filter(pc.invert(pc.is_in(keys[OFFSET_COLUMN], value_set=offsets)))
-    existing = _target_rows(conn, model, tenant_id, key_cols, keys.schema)
+        value_set = pa.array([r[0] for r in quarantined], pa.int64())
+        keys = keys.filter(pc.invert(pc.is_in(keys[OFFSET_COLUMN], value_set=value_set)))
+        if keys.num_rows == 0:
+            return 0
+    existing = _target_rows_in_range(conn, model, tenant_id, _key_range(model, keys), key_cols, keys.schema)
     if existing is not None:
-        return keys.select(key_cols).join(existing, keys=key_cols, join_type="left anti").num_rows
+        keys = keys.join(existing, keys=key_cols, join_type="left anti")
+        if keys.num_rows == 0:
+            return 0
+        # Confirmed by Postgres key by key: the range is in byte order, and a key column in another collation
+        # can sort a present key outside it.
     tmp = sql.Identifier("backfill_keys")
     _temp_table_from_arrow(conn, tmp, model, tuple(key_cols), keys)
     match = sql.SQL(" AND ").join(sql.SQL("t.{0} = k.{0}").format(sql.Identifier(c)) for c in key_cols)

@@ -387,9 +387,13 @@ def finalize(s: Settings, run: RunKey) -> dict[str, int]:
     bq = bigquery(s.gcp_conn_id)
     snapshot = bq.table(job.snapshot_table)
     if not problems:
-        keys = bq.read_rows(snapshot, 0, job.total_records, [*model.conflict_key[1:], sink.OFFSET_COLUMN])
+        # every key of the snapshot must be in the target, checked a chunk's offset range at a time (bounded memory)
+        missing = 0
         with postgres(s.postgres_conn_id) as conn:
-            missing = sink.missing_keys(conn, model, s.tenant_id, job.id, keys)
+            for lo in range(0, job.total_records, job.chunk_size):
+                hi = min(lo + job.chunk_size, job.total_records)
+                keys = bq.read_rows(snapshot, lo, hi, [*model.conflict_key[1:], sink.OFFSET_COLUMN])
+                missing += sink.missing_keys(conn, model, s.tenant_id, job.id, keys)
         if missing:
             problems.append(f"{missing} source keys of the snapshot have no row in {model.target_table}")
     if problems:
