@@ -77,10 +77,10 @@ def _chunk_index(context) -> int:
         "tenant_id": Param(type="string", format="uuid", description="Tenant whose rows are backfilled."),
         "model_type": Param("inventory", type="string", enum=sorted(MODELS), description="What to backfill."),
         "chunk_size": Param(
-            200_000,
+            500_000,
             type="integer",
             minimum=100,
-            maximum=500_000,
+            maximum=1_000_000,
             description="Rows per chunk: one task and one transaction each, read and written in slices of 20,000.",
         ),
         "dry_run": Param(False, type="boolean", description="Log the cleanup and the plan; write nothing."),

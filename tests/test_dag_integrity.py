@@ -48,7 +48,7 @@ def test_params_and_their_defaults(backfill_dag):
     assert params.get_param("tenant_id").schema["format"] == "uuid"
     assert params.get_param("model_type").schema["enum"] == ["inventory"]
     assert params["model_type"] == "inventory"
-    assert params["chunk_size"] == 200_000
+    assert params["chunk_size"] == 500_000
     assert params["dry_run"] is False
     assert params["gcp_conn_id"] == "google_cloud_default"
     assert params["postgres_conn_id"] == "postgres_default"

@@ -24,7 +24,7 @@ from bq_backfill.validate import Rejected
 
 OFFSET_COLUMN = "_row_offset"
 STAGE = sql.Identifier("backfill_stage")
-COPY_SLICE_ROWS = 16_384  # rows of CSV rendered at a time (about 2 MB)
+COPY_SLICE_ROWS = 4_096  # rows of CSV rendered at a time (about 0.5 MB)
 
 
 def stage_rows(conn: psycopg.Connection, model: Model, rows: pa.Table) -> None:
