@@ -262,6 +262,20 @@ def main() -> int:
             say(f"BigQueryToPostgresOperator: {results['peer']}")
         services.drop_database(admin, "backfill_bench")
 
+    table = summary(results)
+    say("\n| path | median s | × raw COPY | BigQuery |\n|---|---|---|---|")
+    for name, secs, ratio, bq in table:
+        say(f"| {name} | {secs:.1f} | {ratio:.2f}× | {bq} |")
+    if "speedup_vs_peer" in results:
+        say(f"\nthis DAG is {results['speedup_vs_peer']:.1f}× faster than BigQueryToPostgresOperator")
+    (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    chart(table, results)
+    say(f"\nwrote {OUT / 'results.json'} and {OUT / 'chart.png'}")
+    return 0
+
+
+def summary(results: dict) -> list[tuple[str, float, float, str]]:
+    """(path, median seconds, ratio to the ceiling, BigQuery work) rows of the printed table and the chart."""
     c = results["ceiling_copy_s"]
     old_loop_queries = -(-SOURCE_ROWS // 500)
     ours = results["bigquery_per_backfill"]
@@ -276,15 +290,7 @@ def main() -> int:
         table.append(("BigQueryToPostgresOperator", p, p / c, "tabledata.list of the whole table (every tenant)"))
         results["speedup_vs_peer"] = p / results["dag_cold"]["wall_s"]
     table.append(("old loop (estimate)", 30 * 60, 30 * 60 / c, f"{old_loop_queries:,} queries, each a full scan"))
-    say("\n| path | median s | × raw COPY | BigQuery |\n|---|---|---|---|")
-    for name, secs, ratio, bq in table:
-        say(f"| {name} | {secs:.1f} | {ratio:.2f}× | {bq} |")
-    if "speedup_vs_peer" in results:
-        say(f"\nthis DAG is {results['speedup_vs_peer']:.1f}× faster than BigQueryToPostgresOperator")
-    (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    chart(table, results)
-    say(f"\nwrote {OUT / 'results.json'} and {OUT / 'chart.png'}")
-    return 0
+    return table
 
 
 def rss_only(source_rows: int) -> int:
@@ -307,6 +313,8 @@ def rss_only(source_rows: int) -> int:
     results.setdefault("chunk_task_peak_rss_mb_by_source_rows", {})[str(source_rows)] = rss
     say(f"chunk task peak RSS (MB) with {source_rows:,} source rows: {rss}")
     path.write_text(json.dumps(results, indent=2, default=str))
+    if "dag_cold" in results:  # redraw with the new memory figures
+        chart(summary(results), results)
     return 0
 
 
@@ -316,7 +324,7 @@ def chart(table: list, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right, memory) = plt.subplots(1, 3, figsize=(16, 4.5))
     names = [row[0] for row in table if row[0] != "old loop (estimate)"]
     secs = [row[1] for row in table if row[0] != "old loop (estimate)"]
     left.barh(names, secs, color=["#999", "#2a7", "#7c4", "#c55"][: len(names)])
@@ -330,6 +338,16 @@ def chart(table: list, results: dict) -> None:
     right.set_xlabel("chunk_size (rows)")
     right.set_ylabel("cold backfill, seconds")
     right.set_title("chunk-size sweep")
+    for source_rows, by_size in sorted(results.get("chunk_task_peak_rss_mb_by_source_rows", {}).items()):
+        sizes = sorted(int(k) for k in by_size)
+        memory.plot(sizes, [by_size[str(k)] for k in sizes], marker="o", label=f"{int(source_rows):,} source rows")
+    memory.set_xscale("log")
+    memory.set_xlabel("chunk_size (rows)")
+    memory.set_ylabel("chunk task peak RSS, MB")
+    memory.set_ylim(0, 400)
+    memory.axhline(300, color="#c55", linestyle=":", linewidth=1)
+    memory.set_title("memory of one chunk task")
+    memory.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(OUT / "chart.png", dpi=110)
 
