@@ -309,14 +309,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 written = time.monotonic()
                 good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
                 rejected = sink.quarantine(conn, job_id, index, bad)
-                landed = sink.land_rows(conn, model, s.tenant_id, good)
-                counts["read"] += rows.num_rows
-                counts["inserted"] += landed.inserted
-                counts["updated"] += landed.updated
-                counts["unchanged"] += landed.distinct - landed.inserted - landed.updated
-                counts["duplicate"] += rows.num_rows - rejected - landed.distinct
-                counts["rejected"] += rejected
-                paths.append(landed.path)
+                _tally(counts, rows.num_rows, rejected, sink.land_rows(conn, model, s.tenant_id, good), paths)
                 del rows, good, bad
                 write_seconds += time.monotonic() - written
             path = "+".join(dict.fromkeys(paths))  # e.g. "copy", or "upsert+copy" for a chunk whose slices differ
@@ -345,6 +338,17 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
         job_state["total_records"],
     )
     return counts
+
+
+def _tally(counts: dict[str, int], read: int, rejected: int, landed: sink.Landed, paths: list[str]) -> None:
+    """Adds one slice's outcome to its chunk's counts (read = inserted + updated + unchanged + duplicate + rejected)."""
+    counts["read"] += read
+    counts["inserted"] += landed.inserted
+    counts["updated"] += landed.updated
+    counts["unchanged"] += landed.distinct - landed.inserted - landed.updated
+    counts["duplicate"] += read - rejected - landed.distinct
+    counts["rejected"] += rejected
+    paths.append(landed.path)
 
 
 # --- finalize -----------------------------------------------------------------------------------------------------
