@@ -82,13 +82,15 @@ class Landed:
     updated: int
 
 
-def land_rows(conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.Table) -> Landed:
+def land_rows(
+    conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.Table, keys: KeyRange | None = None
+) -> Landed:
     """Writes validated rows (every key column set) to the target by the cheapest path that gives the upsert's
     result. Offsets follow the key order, so a chunk covers one key range of the tenant: the target's rows in that
-    range decide the path."""
+    range decide the path. `keys`: the rows' key_range(), if already computed (e.g. by a reader thread)."""
     if rows.num_rows == 0:
         return Landed("unchanged", 0, 0, 0)
-    keys = _key_range(model, rows)
+    keys = keys or key_range(model, rows)
     if not keys.duplicates:
         columns = [c for c in model.column_names if c != model.tenant_column]
         existing = _target_rows_in_range(conn, model, tenant_id, keys, columns, rows.schema)
@@ -107,7 +109,8 @@ class KeyRange:
     duplicates: bool  # whether a key occurs more than once
 
 
-def _key_range(model: Model, rows: pa.Table) -> KeyRange:
+def key_range(model: Model, rows: pa.Table) -> KeyRange:
+    """First and last key of (non-empty) validated rows, and whether a key occurs twice."""
     key_cols = list(model.conflict_key[1:])
     ordered = rows.select(key_cols).sort_by([(c, "ascending") for c in key_cols])
     same_as_previous = None
@@ -259,7 +262,7 @@ def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id:
         keys = keys.filter(pc.invert(pc.is_in(keys[OFFSET_COLUMN], value_set=value_set)))
         if keys.num_rows == 0:
             return 0
-    existing = _target_rows_in_range(conn, model, tenant_id, _key_range(model, keys), key_cols, keys.schema)
+    existing = _target_rows_in_range(conn, model, tenant_id, key_range(model, keys), key_cols, keys.schema)
     if existing is not None:
         keys = keys.join(existing, keys=key_cols, join_type="left anti")
         if keys.num_rows == 0:

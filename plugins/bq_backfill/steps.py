@@ -17,7 +17,7 @@ from bq_backfill import ledger, sink
 from bq_backfill.ledger import RunKey
 from bq_backfill.models import Model, get_model
 from bq_backfill.source import BigQuerySource, TableRef, snapshot_name
-from bq_backfill.validate import split_invalid
+from bq_backfill.validate import Rejected, split_invalid
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,8 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     bq = bigquery(s.gcp_conn_id)
     snapshot, columns = bq.table(job.snapshot_table), [*model.column_names, sink.OFFSET_COLUMN]
 
-    def read(lo: int, hi: int) -> Any:
+    def read(lo: int, hi: int) -> tuple[int, Any, Rejected, sink.KeyRange | None]:
+        """One slice, read, validated and with its key range: all of it done by the reader thread."""
         try:
             rows = bq.read_rows(snapshot, lo, hi, columns)
         except Exception as exc:
@@ -279,10 +280,11 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 f"{label}: snapshot {job.snapshot_table} returned {rows.num_rows} rows for [{lo}, {hi}), "
                 f"expected {hi - lo}"
             )
-        return rows
+        good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
+        return rows.num_rows, good, bad, sink.key_range(model, good) if good.num_rows else None
 
     # A chunk is one transaction, read and written a slice at a time: memory follows the slice, not the chunk,
-    # and the next slice is read from BigQuery while this one is written to Postgres.
+    # and the next slice is read from BigQuery and validated while this one is written to Postgres.
     step = slice_rows()
     slices = [(lo, min(lo + step, end)) for lo in range(start, end, step)]
     counts = dict.fromkeys(("read", "inserted", "updated", "unchanged", "duplicate", "rejected"), 0)
@@ -302,15 +304,14 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
             pending = reader.submit(read, *slices[0])
             for n, _ in enumerate(slices):
                 waited = time.monotonic()
-                rows = pending.result()
+                read_count, good, bad, keys = pending.result()
                 read_seconds += time.monotonic() - waited
                 if n + 1 < len(slices):
                     pending = reader.submit(read, *slices[n + 1])
                 written = time.monotonic()
-                good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
                 rejected = sink.quarantine(conn, job_id, index, bad)
-                _tally(counts, rows.num_rows, rejected, sink.land_rows(conn, model, s.tenant_id, good), paths)
-                del rows, good, bad
+                _tally(counts, read_count, rejected, sink.land_rows(conn, model, s.tenant_id, good, keys), paths)
+                del good, bad
                 write_seconds += time.monotonic() - written
             path = "+".join(dict.fromkeys(paths))  # e.g. "copy", or "upsert+copy" for a chunk whose slices differ
             timing = {"read_seconds": read_seconds, "write_seconds": write_seconds}
