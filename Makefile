@@ -34,6 +34,6 @@ clean:
 demo: install
 	$(VENV)/bin/python -m devtools.demo
 
-# Throughput benchmark (see README "Performance"): ~10 minutes, prints a table, writes bench/results/.
+# Throughput benchmark (see README "Performance"): ~12 minutes, prints a table, writes bench/results/.
 bench: install
 	$(VENV)/bin/python -m bench.run
