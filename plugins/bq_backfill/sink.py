@@ -1,4 +1,6 @@
-"""Postgres side of a chunk: stage Arrow rows with COPY, quarantine bad keys, upsert the rest.
+"""Postgres side of a chunk: quarantine rows that cannot land, land the rest by the cheapest path that gives the
+upsert's result (one COPY into an empty key range, nothing when the rows are already there, a staged upsert
+otherwise), and finalize's check that every source key is in the target.
 
 Everything here runs inside the caller's transaction, so a chunk lands completely with its progress, or not at all.
 Identifiers come from the model registry and are composed with psycopg.sql; values are always bound.
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -19,6 +20,7 @@ from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
+from bq_backfill import target_rows
 from bq_backfill.models import Model
 from bq_backfill.validate import Rejected
 
@@ -83,101 +85,23 @@ class Landed:
 
 
 def land_rows(
-    conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.Table, keys: KeyRange | None = None
+    conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.Table, keys: target_rows.KeyRange | None = None
 ) -> Landed:
     """Writes validated rows (every key column set) to the target by the cheapest path that gives the upsert's
     result. Offsets follow the key order, so a chunk covers one key range of the tenant: the target's rows in that
     range decide the path. `keys`: the rows' key_range(), if already computed (e.g. by a reader thread)."""
     if rows.num_rows == 0:
         return Landed("unchanged", 0, 0, 0)
-    keys = keys or key_range(model, rows)
+    keys = keys or target_rows.key_range(model, rows)
     if not keys.duplicates:
         columns = [c for c in model.column_names if c != model.tenant_column]
-        existing = _target_rows_in_range(conn, model, tenant_id, keys, columns, rows.schema)
+        existing = target_rows.rows_in_range(conn, model, tenant_id, keys, columns, rows.schema)
         if existing is not None and existing.num_rows == 0 and _copy_into_empty_range(conn, model, rows):
             return Landed("copy", rows.num_rows, rows.num_rows, 0)
         if existing is not None and _same_rows(model, rows, existing):
             return Landed("unchanged", rows.num_rows, 0, 0)
     stage_rows(conn, model, rows)
     return Landed("upsert", **upsert_staged(conn, model))
-
-
-@dataclass(frozen=True)
-class KeyRange:
-    first: list  # key columns after the tenant, smallest first in byte order (as BigQuery sorts)
-    last: list
-    duplicates: bool  # whether a key occurs more than once
-
-
-def key_range(model: Model, rows: pa.Table) -> KeyRange:
-    """First and last key of (non-empty) validated rows, and whether a key occurs twice."""
-    key_cols = list(model.conflict_key[1:])
-    ordered = rows.select(key_cols).sort_by([(c, "ascending") for c in key_cols])
-    same_as_previous = None
-    for c in key_cols:
-        col = ordered[c]
-        equal = pc.equal(col.slice(1), col.slice(0, len(col) - 1))
-        same_as_previous = equal if same_as_previous is None else pc.and_(same_as_previous, equal)
-    duplicates = same_as_previous is not None and bool(pc.any(same_as_previous).as_py())
-    first, last = ordered.slice(0, 1).to_pylist()[0], ordered.slice(len(ordered) - 1, 1).to_pylist()[0]
-    return KeyRange([first[c] for c in key_cols], [last[c] for c in key_cols], duplicates)
-
-
-def _target_rows_in_range(
-    conn: psycopg.Connection, model: Model, tenant_id: str, keys: KeyRange, columns: list[str], schema: pa.Schema
-) -> pa.Table | None:
-    """The tenant's target rows with first <= key <= last, in the types of `schema` (None: see _target_rows)."""
-    key = sql.SQL(", ").join(map(sql.Identifier, model.conflict_key[1:]))
-    marks = sql.SQL(", ").join(sql.Placeholder() * (len(model.conflict_key) - 1))
-    in_range = sql.SQL("({key}) >= ({lo}) AND ({key}) <= ({hi})").format(key=key, lo=marks, hi=marks)
-    return _target_rows(conn, model, tenant_id, columns, schema, in_range, [*keys.first, *keys.last])
-
-
-def _target_rows(
-    conn: psycopg.Connection,
-    model: Model,
-    tenant_id: str,
-    columns: list[str],
-    schema: pa.Schema,
-    where: sql.Composable | None = None,
-    params: Sequence[object] = (),
-) -> pa.Table | None:
-    """The tenant's target rows (these columns, matching `where`) as Arrow in the types of `schema`, or None if a
-    value does not parse back into its type (then the caller takes the slow, exact path).
-
-    The rows come back as one text value, each row in Postgres's record syntax (CSV-like: NULL is an empty field,
-    an empty string is "", a value with a separator, quote, backslash or parenthesis is quoted), parsed by Arrow's
-    CSV reader: a row-by-row fetch or COPY TO spends more time in Python per row than the whole comparison takes.
-    """
-    query = sql.SQL(
-        # btrim drops the record's parentheses: a value that starts or ends with one is quoted, so no more goes
-        "SELECT string_agg(btrim(ROW({cols})::text, '()'), E'\\n') FROM {target} WHERE {tenant} = %s AND ({where})"
-    ).format(
-        cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
-        target=sql.Identifier(model.target_table),
-        tenant=sql.Identifier(model.tenant_column),
-        where=where or sql.SQL("TRUE"),
-    )
-    # timestamps come out as UTC with an explicit offset, whatever the server's default TimeZone
-    conn.execute("SELECT set_config('TimeZone', 'UTC', true)")
-    row = conn.execute(query, [tenant_id, *params]).fetchone()
-    if row is None or row[0] is None:
-        return schema.empty_table().select(columns)
-    try:
-        return pa_csv.read_csv(
-            io.BytesIO(row[0].encode()),
-            read_options=pa_csv.ReadOptions(column_names=columns),
-            # inside quotes the record syntax doubles quotes and backslashes
-            parse_options=pa_csv.ParseOptions(double_quote=True, escape_char="\\", newlines_in_values=True),
-            convert_options=pa_csv.ConvertOptions(
-                column_types={c: schema.field(c).type for c in columns},
-                null_values=[""],  # a NULL field is empty; an empty string is written "" and stays ""
-                strings_can_be_null=True,
-                quoted_strings_can_be_null=False,
-            ),
-        )
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return None
 
 
 def _same_rows(model: Model, rows: pa.Table, existing: pa.Table) -> bool:
@@ -247,8 +171,8 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
 def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id: str, keys: pa.Table) -> int:
     """How many of these source rows (key columns and _row_offset of one offset range of the snapshot) have no row
     with their key in the target, not counting rows this job quarantined. An Arrow anti-join with the target's keys
-    in the same key range; the keys it leaves (or all, if the target's do not parse back: see _target_rows) are
-    checked by a Postgres anti-join against a temp table of them."""
+    in the same key range; the keys it leaves (or all, if the target's do not parse back) are checked by a Postgres
+    anti-join against a temp table of them."""
     key_cols = list(model.conflict_key[1:])
     if keys.num_rows == 0:
         return 0
@@ -262,7 +186,8 @@ def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id:
         keys = keys.filter(pc.invert(pc.is_in(keys[OFFSET_COLUMN], value_set=value_set)))
         if keys.num_rows == 0:
             return 0
-    existing = _target_rows_in_range(conn, model, tenant_id, key_range(model, keys), key_cols, keys.schema)
+    bounds = target_rows.key_range(model, keys)
+    existing = target_rows.rows_in_range(conn, model, tenant_id, bounds, key_cols, keys.schema)
     if existing is not None:
         keys = keys.join(existing, keys=key_cols, join_type="left anti")
         if keys.num_rows == 0:

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from bq_backfill import ledger, sink
+from bq_backfill import ledger, sink, target_rows
 from bq_backfill.ledger import RunKey
 from bq_backfill.models import Model, get_model
 from bq_backfill.source import BigQuerySource, TableRef, snapshot_name
@@ -266,7 +266,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     bq = bigquery(s.gcp_conn_id)
     snapshot, columns = bq.table(job.snapshot_table), [*model.column_names, sink.OFFSET_COLUMN]
 
-    def read(lo: int, hi: int) -> tuple[int, Any, Rejected, sink.KeyRange | None]:
+    def read(lo: int, hi: int) -> tuple[int, Any, Rejected, target_rows.KeyRange | None]:
         """One slice, read, validated and with its key range: all of it done by the reader thread."""
         try:
             rows = bq.read_rows(snapshot, lo, hi, columns)
@@ -281,7 +281,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 f"expected {hi - lo}"
             )
         good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
-        return rows.num_rows, good, bad, sink.key_range(model, good) if good.num_rows else None
+        return rows.num_rows, good, bad, target_rows.key_range(model, good) if good.num_rows else None
 
     # A chunk is one transaction, read and written a slice at a time: memory follows the slice, not the chunk,
     # and the next slice is read from BigQuery and validated while this one is written to Postgres.
