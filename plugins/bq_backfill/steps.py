@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -257,32 +258,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     job_id, index, start, end = chunk["job_id"], chunk["chunk_index"], chunk["start"], chunk["end"]
     label = f"chunk #{index} of {chunk['chunks']} [{start}, {end})"
 
-    with postgres(s.postgres_conn_id) as conn:
-        if ledger.lock_chunk(conn, job_id, index) == "done":
-            log.info("%s already done: skipped without reading BigQuery", label)
-            return {"read": 0, "skipped": 1}
-        job = ledger.find_job_by_id(conn, job_id)
-
     bq = bigquery(s.gcp_conn_id)
-    snapshot, columns = bq.table(job.snapshot_table), [*model.column_names, sink.OFFSET_COLUMN]
-
-    def read(lo: int, hi: int) -> tuple[int, Any, Rejected, target_rows.KeyRange | None]:
-        """One slice, read, validated and with its key range: all of it done by the reader thread."""
-        try:
-            rows = bq.read_rows(snapshot, lo, hi, columns)
-        except Exception as exc:
-            raise SourceReadError(
-                f"{label}: BigQuery read of {job.snapshot_table} rows [{lo}, {hi}) through connection "
-                f"{s.gcp_conn_id!r} failed: {exc}"
-            ) from exc
-        if rows.num_rows != hi - lo:
-            raise RuntimeError(
-                f"{label}: snapshot {job.snapshot_table} returned {rows.num_rows} rows for [{lo}, {hi}), "
-                f"expected {hi - lo}"
-            )
-        good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
-        return rows.num_rows, good, bad, target_rows.key_range(model, good) if good.num_rows else None
-
     # A chunk is one transaction, read and written a slice at a time: memory follows the slice, not the chunk,
     # and the next slice is read from BigQuery and validated while this one is written to Postgres.
     step = slice_rows()
@@ -298,9 +274,12 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 "SELECT set_config('application_name', %s, true)",
                 [f"bigquery_backfill chunk {index} pid {os.getpid()}"],
             )
-            if ledger.lock_chunk(conn, job_id, index) == "done":  # another attempt finished it meanwhile
-                log.info("%s was finished by another attempt: skipped", label)
+            # the chunk's row stays locked until this transaction ends: another attempt waits, then sees it done
+            if ledger.lock_chunk(conn, job_id, index) == "done":
+                log.info("%s already done: skipped without reading BigQuery", label)
                 return {"read": 0, "skipped": 1}
+            job = ledger.find_job_by_id(conn, job_id)
+            read = partial(_read_slice, bq, s.gcp_conn_id, bq.table(job.snapshot_table), model, label)
             pending = reader.submit(read, *slices[0])
             for n, _ in enumerate(slices):
                 waited = time.monotonic()
@@ -339,6 +318,24 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
         job_state["total_records"],
     )
     return counts
+
+
+def _read_slice(
+    bq: BigQuerySource, conn_id: str, snapshot: TableRef, model: Model, label: str, lo: int, hi: int
+) -> tuple[int, Any, Rejected, target_rows.KeyRange | None]:
+    """One slice of a chunk, read, validated and with its key range: all of it done by the chunk's reader thread."""
+    try:
+        rows = bq.read_rows(snapshot, lo, hi, [*model.column_names, sink.OFFSET_COLUMN])
+    except Exception as exc:
+        raise SourceReadError(
+            f"{label}: BigQuery read of {snapshot} rows [{lo}, {hi}) through connection {conn_id!r} failed: {exc}"
+        ) from exc
+    if rows.num_rows != hi - lo:
+        raise RuntimeError(
+            f"{label}: snapshot {snapshot} returned {rows.num_rows} rows for [{lo}, {hi}), expected {hi - lo}"
+        )
+    good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
+    return rows.num_rows, good, bad, target_rows.key_range(model, good) if good.num_rows else None
 
 
 def _tally(counts: dict[str, int], read: int, rejected: int, landed: sink.Landed, paths: list[str]) -> None:
