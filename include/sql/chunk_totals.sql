@@ -1,5 +1,4 @@
 SELECT count(*)                                        AS chunks,
-       count(*) FILTER (WHERE status <> 'done')        AS chunks_pending,
        coalesce(sum(rows_read), 0)                     AS read,
        coalesce(sum(rows_inserted), 0)                 AS inserted,
        coalesce(sum(rows_updated), 0)                  AS updated,
