@@ -108,9 +108,18 @@ def _same_rows(model: Model, rows: pa.Table, existing: pa.Table) -> bool:
     """True when the target already holds every chunk row with equal values, and nothing else in its range."""
     if rows.num_rows != existing.num_rows:
         return False
+    incoming = rows.select(existing.column_names)
+    if _same_columns(incoming, existing):  # the usual case: both in key order already, no sort needed
+        return True
+    # Another order (a key column in a collation that does not sort as bytes do, or a source whose order key does
+    # not start with the conflict key): compare sorted.
     order = [(c, "ascending") for c in model.conflict_key[1:]]
-    incoming, existing = rows.select(existing.column_names).sort_by(order), existing.sort_by(order)
-    return all(incoming[c].equals(existing[c]) for c in existing.column_names)
+    return _same_columns(incoming.sort_by(order), existing.sort_by(order))
+
+
+def _same_columns(a: pa.Table, b: pa.Table) -> bool:
+    # column by column: types and values, not the schemas' nullability flags (BigQuery's REQUIRED, CSV's none)
+    return all(a[c].equals(b[c]) for c in a.column_names)
 
 
 def _copy_into_empty_range(conn: psycopg.Connection, model: Model, rows: pa.Table) -> bool:
