@@ -196,8 +196,10 @@ def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id:
         if keys.num_rows == 0:
             return 0
     bounds = target_rows.key_range(model, keys)
-    existing = target_rows.rows_in_range(conn, model, tenant_id, bounds, key_cols, keys.schema)
+    existing = target_rows.keys_in_range(conn, model, tenant_id, bounds, keys.schema)
     if existing is not None:
+        if _same_columns(keys.select(key_cols), existing):  # the range holds exactly these keys, in this order
+            return 0
         keys = keys.join(existing, keys=key_cols, join_type="left anti")
         if keys.num_rows == 0:
             return 0

@@ -7,7 +7,6 @@ outside it, which callers treat as "not there" (the safe answer: they then take 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -55,55 +54,86 @@ def strictly_ascending(rows: pa.Table, columns: list[str]) -> bool:
 def rows_in_range(
     conn: psycopg.Connection, model: Model, tenant_id: str, keys: KeyRange, columns: list[str], schema: pa.Schema
 ) -> pa.Table | None:
-    """The tenant's target rows with first <= key <= last, in the types of `schema` (None: see rows_matching)."""
-    key = sql.SQL(", ").join(map(sql.Identifier, model.conflict_key[1:]))
-    marks = sql.SQL(", ").join(sql.Placeholder() * (len(model.conflict_key) - 1))
-    in_range = sql.SQL("({key}) >= ({lo}) AND ({key}) <= ({hi})").format(key=key, lo=marks, hi=marks)
-    return rows_matching(conn, model, tenant_id, columns, schema, in_range, [*keys.first, *keys.last])
-
-
-def rows_matching(
-    conn: psycopg.Connection,
-    model: Model,
-    tenant_id: str,
-    columns: list[str],
-    schema: pa.Schema,
-    where: sql.Composable | None = None,
-    params: Sequence[object] = (),
-) -> pa.Table | None:
-    """The tenant's target rows (these columns, matching `where`) as Arrow in the types of `schema`, in key order as
+    """The tenant's target rows with first <= key <= last (these columns, in the types of `schema`), in key order as
     the server's collations sort it, or None if a value does not parse back into its type (then the caller takes
     the slow, exact path).
 
-    The rows come as COPY TO CSV, parsed by Arrow's CSV reader: no Python object per row or value, and the server
-    renders CSV at about half the cost of record text (measured). In COPY's CSV, NULL is an unquoted empty field and
-    an empty string is quoted (""), so the two stay apart.
+    The rows come as COPY TO CSV: the server renders CSV at about half the cost of record text (measured), and
+    Arrow parses it with no Python object per value. psycopg hands over COPY a row at a time, though, which costs
+    Python time under the GIL: right for one fetch at a time (a chunk's slices), not for several in threads.
     """
+    where, params = _in_range(model, keys)
     query = sql.SQL(
-        "COPY (SELECT {cols} FROM {target} WHERE {tenant} = %s AND ({where}) ORDER BY {key}) TO STDOUT (FORMAT csv)"
+        "COPY (SELECT {cols} FROM {target} WHERE {tenant} = %s AND {where} ORDER BY {key}) TO STDOUT (FORMAT csv)"
     ).format(
         cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
         key=sql.SQL(", ").join(map(sql.Identifier, model.conflict_key[1:])),
         target=sql.Identifier(model.target_table),
         tenant=sql.Identifier(model.tenant_column),
-        where=where or sql.SQL("TRUE"),
+        where=where,
     )
-    # timestamps come out as UTC with an explicit offset, whatever the server's default TimeZone
-    conn.execute("SELECT set_config('TimeZone', 'UTC', true)")
+    _utc(conn)
     data = bytearray()
     with conn.cursor() as cur, cur.copy(query, [tenant_id, *params]) as copy:
-        for block in copy:  # COPY TO sends a message per row
+        for block in copy:  # a message per row
             data += block
+    # COPY's CSV: NULL is an unquoted empty field, an empty string is written "" and stays ""
+    return _parse_csv(data, columns, schema, pa_csv.ParseOptions(newlines_in_values=True))
+
+
+def keys_in_range(
+    conn: psycopg.Connection, model: Model, tenant_id: str, keys: KeyRange, schema: pa.Schema
+) -> pa.Table | None:
+    """The key columns (after the tenant) of the tenant's target rows with first <= key <= last, in no particular
+    order, in the types of `schema`; None as for rows_in_range.
+
+    The rows come back as one text value, each row in Postgres's record syntax: the client does no work per row,
+    so several of these run at once in threads (finalize's key check) without waiting on each other for the GIL.
+    """
+    columns = list(model.conflict_key[1:])
+    where, params = _in_range(model, keys)
+    query = sql.SQL(
+        # btrim drops the record's parentheses: a value that starts or ends with one is quoted, so no more goes
+        "SELECT string_agg(btrim(ROW({cols})::text, '()'), E'\\n') FROM {target} WHERE {tenant} = %s AND {where}"
+    ).format(
+        cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        target=sql.Identifier(model.target_table),
+        tenant=sql.Identifier(model.tenant_column),
+        where=where,
+    )
+    _utc(conn)
+    row = conn.execute(query, [tenant_id, *params]).fetchone()
+    text = row[0] if row and row[0] is not None else ""
+    # record syntax: NULL is an empty field, an empty string is "", and inside quotes backslashes escape
+    parse = pa_csv.ParseOptions(double_quote=True, escape_char="\\", newlines_in_values=True)
+    return _parse_csv(text.encode(), columns, schema, parse)
+
+
+def _in_range(model: Model, keys: KeyRange) -> tuple[sql.Composable, list]:
+    key = sql.SQL(", ").join(map(sql.Identifier, model.conflict_key[1:]))
+    marks = sql.SQL(", ").join(sql.Placeholder() * (len(model.conflict_key) - 1))
+    where = sql.SQL("(({key}) >= ({lo}) AND ({key}) <= ({hi}))").format(key=key, lo=marks, hi=marks)
+    return where, [*keys.first, *keys.last]
+
+
+def _utc(conn: psycopg.Connection) -> None:
+    # timestamps come out as UTC with an explicit offset, whatever the server's default TimeZone
+    conn.execute("SELECT set_config('TimeZone', 'UTC', true)")
+
+
+def _parse_csv(
+    data: bytes | bytearray, columns: list[str], schema: pa.Schema, parse: pa_csv.ParseOptions
+) -> pa.Table | None:
     if not data:
         return schema.empty_table().select(columns)
     try:
         return pa_csv.read_csv(
             pa.BufferReader(pa.py_buffer(data)),
             read_options=pa_csv.ReadOptions(column_names=columns),
-            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+            parse_options=parse,
             convert_options=pa_csv.ConvertOptions(
                 column_types={c: schema.field(c).type for c in columns},
-                null_values=[""],  # a NULL is an unquoted empty field; an empty string is written "" and stays ""
+                null_values=[""],  # an unquoted empty field; a quoted one ("") is the empty string
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=False,
             ),
