@@ -88,3 +88,20 @@ CREATE TABLE IF NOT EXISTS backfill_quarantine (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS backfill_quarantine_job ON backfill_quarantine (job_id);
+
+-- A key range of a target table as a chunk left it, proven to hold exactly one slice of source rows: the slice's
+-- content digest and the row versions (xmin: rows) the range held then. A later run whose slice has the same
+-- digest, over a range that still holds the same row versions, neither fetches nor writes it. Any change to the
+-- range since (an insert, update or delete by anyone) adds or removes a row version, so the proof no longer
+-- matches and the rows are compared again. Content-addressed, so proofs outlive their job; finalize keeps only
+-- the latest completed job's.
+CREATE TABLE IF NOT EXISTS backfill_range_proofs (
+    tenant_id    uuid        NOT NULL,
+    model_type   text        NOT NULL,
+    digest       bytea       NOT NULL,
+    row_count    integer     NOT NULL,
+    row_versions jsonb       NOT NULL,
+    job_id       uuid        NOT NULL,
+    recorded_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, model_type, digest)
+);

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
-from bq_backfill import target_rows
+from bq_backfill import range_proofs, target_rows
 from bq_backfill.models import Model
 from bq_backfill.validate import Rejected
 
@@ -75,8 +75,9 @@ def _dumps(row: dict) -> str:
 
 @dataclass(frozen=True)
 class Landed:
-    """How a chunk's rows reached the target: `copy` (empty key range: one COPY), `unchanged` (every row already
-    there with the same values: nothing written) or `upsert` (staged, then INSERT ... ON CONFLICT)."""
+    """How a chunk's rows reached the target: `copy` (empty key range: one COPY), `proven` (the range holds the
+    rows as an earlier run proved it: nothing fetched or written), `unchanged` (every row already there with the
+    same values: nothing written) or `upsert` (staged, then INSERT ... ON CONFLICT)."""
 
     path: str
     distinct: int
@@ -85,21 +86,36 @@ class Landed:
 
 
 def land_rows(
-    conn: psycopg.Connection, model: Model, tenant_id: str, rows: pa.Table, keys: target_rows.KeyRange | None = None
+    conn: psycopg.Connection,
+    model: Model,
+    tenant_id: str,
+    rows: pa.Table,
+    keys: target_rows.KeyRange | None = None,
+    proof: range_proofs.ProofKey | None = None,
 ) -> Landed:
     """Writes validated rows (every key column set) to the target by the cheapest path that gives the upsert's
     result. Offsets follow the key order, so a chunk covers one key range of the tenant: the target's rows in that
-    range decide the path. `keys`: the rows' key_range(), if already computed (e.g. by a reader thread)."""
+    range decide the path. `keys`: the rows' key_range(), if already computed (e.g. by a reader thread). `proof`:
+    the slice's proof key, to use a proof an earlier run recorded, and to record one when the range ends up
+    holding exactly these rows."""
     if rows.num_rows == 0:
         return Landed("unchanged", 0, 0, 0)
     keys = keys or target_rows.key_range(model, rows)
+    n = rows.num_rows
     if not keys.duplicates:
+        if proof and (versions := range_proofs.holds(conn, model, proof, keys, n)) is not None:
+            range_proofs.record(conn, proof, n, versions)  # now this job's
+            return Landed("proven", n, 0, 0)
         columns = [c for c in model.column_names if c != model.tenant_column]
-        existing = target_rows.rows_in_range(conn, model, tenant_id, keys, columns, rows.schema)
+        existing = target_rows.rows_in_range(conn, model, tenant_id, keys, columns, rows.schema, proof is not None)
         if existing is not None and existing.num_rows == 0 and _copy_into_empty_range(conn, model, rows):
-            return Landed("copy", rows.num_rows, rows.num_rows, 0)
-        if existing is not None and _same_rows(model, rows, existing):
-            return Landed("unchanged", rows.num_rows, 0, 0)
+            if proof:
+                range_proofs.record_copied(conn, model, proof, keys, rows)
+            return Landed("copy", n, n, 0)
+        if existing is not None and _same_rows(model, rows, existing.select(columns)):
+            if proof:  # versions read in the same statement as the rows they were compared on
+                range_proofs.record(conn, proof, n, range_proofs.versions_of(existing))
+            return Landed("unchanged", n, 0, 0)
     stage_rows(conn, model, rows)
     return Landed("upsert", **upsert_staged(conn, model))
 

@@ -51,22 +51,35 @@ def strictly_ascending(rows: pa.Table, columns: list[str]) -> bool:
     return bool(pc.all(pc.fill_null(ascending, False)).as_py())
 
 
+VERSION_COLUMN = "_backfill_row_version"  # a row's xmin, as text, when rows_in_range is asked for versions
+
+
 def rows_in_range(
-    conn: psycopg.Connection, model: Model, tenant_id: str, keys: KeyRange, columns: list[str], schema: pa.Schema
+    conn: psycopg.Connection,
+    model: Model,
+    tenant_id: str,
+    keys: KeyRange,
+    columns: list[str],
+    schema: pa.Schema,
+    versions: bool = False,
 ) -> pa.Table | None:
     """The tenant's target rows with first <= key <= last (these columns, in the types of `schema`), in key order as
     the server's collations sort it, or None if a value does not parse back into its type (then the caller takes
-    the slow, exact path).
+    the slow, exact path). `versions`: also each row's version (xmin) as VERSION_COLUMN, read in the same statement.
 
     The rows come as COPY TO CSV: the server renders CSV at about half the cost of record text (measured), and
     Arrow parses it with no Python object per value. psycopg hands over COPY a row at a time, though, which costs
     Python time under the GIL: right for one fetch at a time (a chunk's slices), not for several in threads.
     """
-    where, params = _in_range(model, keys)
+    where, params = in_range(model, keys)
+    select = [sql.Identifier(c) for c in columns]
+    if versions:
+        select.append(sql.SQL("xmin::text AS {}").format(sql.Identifier(VERSION_COLUMN)))
+        columns, schema = [*columns, VERSION_COLUMN], schema.append(pa.field(VERSION_COLUMN, pa.string()))
     query = sql.SQL(
         "COPY (SELECT {cols} FROM {target} WHERE {tenant} = %s AND {where} ORDER BY {key}) TO STDOUT (FORMAT csv)"
     ).format(
-        cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        cols=sql.SQL(", ").join(select),
         key=sql.SQL(", ").join(map(sql.Identifier, model.conflict_key[1:])),
         target=sql.Identifier(model.target_table),
         tenant=sql.Identifier(model.tenant_column),
@@ -91,7 +104,7 @@ def keys_in_range(
     so several of these run at once in threads (finalize's key check) without waiting on each other for the GIL.
     """
     columns = list(model.conflict_key[1:])
-    where, params = _in_range(model, keys)
+    where, params = in_range(model, keys)
     query = sql.SQL(
         # btrim drops the record's parentheses: a value that starts or ends with one is quoted, so no more goes
         "SELECT string_agg(btrim(ROW({cols})::text, '()'), E'\\n') FROM {target} WHERE {tenant} = %s AND {where}"
@@ -109,7 +122,8 @@ def keys_in_range(
     return _parse_csv(text.encode(), columns, schema, parse)
 
 
-def _in_range(model: Model, keys: KeyRange) -> tuple[sql.Composable, list]:
+def in_range(model: Model, keys: KeyRange) -> tuple[sql.Composable, list]:
+    """The condition first <= key <= last on the key columns after the tenant, and its parameters."""
     key = sql.SQL(", ").join(map(sql.Identifier, model.conflict_key[1:]))
     marks = sql.SQL(", ").join(sql.Placeholder() * (len(model.conflict_key) - 1))
     where = sql.SQL("(({key}) >= ({lo}) AND ({key}) <= ({hi}))").format(key=key, lo=marks, hi=marks)

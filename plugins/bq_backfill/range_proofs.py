@@ -1,0 +1,117 @@
+"""Proofs that a key range of the target still holds exactly a slice of source rows, so that a re-run with nothing
+changed neither fetches nor compares the rows again.
+
+A proof is recorded when a slice lands by COPY into an empty range or is found equal value for value: the digest
+of the slice's rows and the versions of the range's rows (xmin, with how many rows carry each). Row versions only
+come and go with writes: any insert, update or delete in the range since, committed by anyone, changes them (a
+new version carries the xid of a transaction that was not committed when the proof was taken, so it cannot be
+among the proof's). A re-run whose slice has the same digest, over a range with the same row versions, is then
+known to hold the same rows. Anything else (a new digest, a row changed, a range rewritten by VACUUM FULL or a
+restore, or frozen in a way that shows in xmin) only costs the full comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+
+import psycopg
+import pyarrow as pa
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from bq_backfill.models import Model
+from bq_backfill.target_rows import VERSION_COLUMN, KeyRange, in_range
+
+
+@dataclass(frozen=True)
+class ProofKey:
+    """What identifies a slice's proof: its tenant and model, and the digest of its rows; job_id records who used
+    it last."""
+
+    tenant_id: str
+    model_type: str
+    digest: bytes
+    job_id: str
+
+
+def digest(model: Model, rows: pa.Table) -> bytes:
+    """A digest of the rows' model columns, in their order: Arrow IPC of one record batch (the same bytes for the
+    same values and types, however the rows were batched), hashed with BLAKE2b."""
+    table = rows.select(list(model.column_names)).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+    return hashlib.blake2b(sink.getvalue(), digest_size=32).digest()
+
+
+def versions_of(fetched: pa.Table) -> dict[str, int]:
+    """Row versions (xmin text -> rows) of rows fetched with rows_in_range(versions=True)."""
+    return dict(Counter(fetched[VERSION_COLUMN].to_pylist()))
+
+
+def versions_in_range(conn: psycopg.Connection, model: Model, tenant_id: str, keys: KeyRange) -> dict[str, int]:
+    """The row versions of the tenant's target rows with first <= key <= last (one aggregate; no row leaves)."""
+    where, params = in_range(model, keys)
+    query = sql.SQL("SELECT xmin::text, count(*) FROM {target} WHERE {tenant} = %s AND {where} GROUP BY 1").format(
+        target=sql.Identifier(model.target_table), tenant=sql.Identifier(model.tenant_column), where=where
+    )
+    return {version: int(n) for version, n in conn.execute(query, [tenant_id, *params]).fetchall()}
+
+
+def holds(conn: psycopg.Connection, model: Model, key: ProofKey, keys: KeyRange, rows: int) -> dict[str, int] | None:
+    """The row versions a proof of this digest recorded, if there is one and the range still holds exactly them."""
+    found = conn.execute(
+        "SELECT row_count, row_versions FROM backfill_range_proofs "
+        "WHERE tenant_id = %s AND model_type = %s AND digest = %s",
+        [key.tenant_id, key.model_type, key.digest],
+    ).fetchone()
+    if found is None or found[0] != rows:
+        return None
+    return found[1] if versions_in_range(conn, model, key.tenant_id, keys) == found[1] else None
+
+
+def record(conn: psycopg.Connection, key: ProofKey, rows: int, versions: dict[str, int]) -> bool:
+    """Records that the slice's range holds exactly its `rows` rows, as these versions, when the caller has just
+    seen so (the same rows, compared in the statement that read these versions); not if it holds more."""
+    if sum(versions.values()) != rows:
+        return False
+    conn.execute(
+        "INSERT INTO backfill_range_proofs (tenant_id, model_type, digest, row_count, row_versions, job_id) "
+        "VALUES (%s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (tenant_id, model_type, digest) DO UPDATE SET row_count = EXCLUDED.row_count, "
+        "row_versions = EXCLUDED.row_versions, job_id = EXCLUDED.job_id, recorded_at = now()",
+        [key.tenant_id, key.model_type, key.digest, rows, Jsonb(versions), key.job_id],
+    )
+    return True
+
+
+def record_copied(conn: psycopg.Connection, model: Model, key: ProofKey, keys: KeyRange, rows: pa.Table) -> bool:
+    """Records a proof for a slice just COPied into its (empty) key range, if the range now holds exactly the
+    COPY's rows: all of one row version, the COPY's own (read back by the first row's key), and as many as it
+    wrote. Not if another session's rows landed in the range meanwhile, or if the key columns' collation puts some
+    of the COPY's rows outside the range as Postgres reads it."""
+    key_cols = model.conflict_key[1:]
+    first = rows.slice(0, 1).to_pylist()[0]
+    match = sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in key_cols)
+    own = conn.execute(
+        sql.SQL("SELECT xmin::text FROM {target} WHERE {tenant} = %s AND {match}").format(
+            target=sql.Identifier(model.target_table), tenant=sql.Identifier(model.tenant_column), match=match
+        ),
+        [key.tenant_id, *(first[c] for c in key_cols)],
+    ).fetchone()
+    versions = versions_in_range(conn, model, key.tenant_id, keys)
+    if own is None or versions != {own[0]: rows.num_rows}:
+        return False
+    return record(conn, key, rows.num_rows, versions)
+
+
+def keep_only(conn: psycopg.Connection, tenant_id: str, model_type: str, job_id: str) -> int:
+    """Drops the tenant+model's proofs that this (completed) job did not record or use: they describe ranges as
+    earlier runs left them."""
+    cur = conn.execute(
+        "DELETE FROM backfill_range_proofs WHERE tenant_id = %s AND model_type = %s AND job_id <> %s",
+        [tenant_id, model_type, job_id],
+    )
+    return cur.rowcount

@@ -1,0 +1,146 @@
+"""Range proofs: a re-run neither fetches nor compares a slice whose source rows (by digest) and whose target range
+(by row versions) are as an earlier run proved them. Any write to the range since, by anyone, or any change of the
+source rows, must send the slice back to the comparison; a proof is never recorded for a range that does not hold
+exactly the slice's rows."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import psycopg
+import pyarrow as pa
+from helpers import chunks, conf, jobs, table_state
+from test_write_paths import _chunk_rows
+
+from bq_backfill import ledger, range_proofs, sink
+from bq_backfill.models import get_model
+from bq_backfill.target_rows import key_range
+from devtools.seed import ARROW_SCHEMA, SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
+
+MODEL = get_model("inventory")
+
+
+def _where(row: dict) -> tuple[str, tuple]:
+    return "tenant_id = %s AND product_code = %s", (SEED_TENANT, row["product_code"])
+
+
+def test_a_write_by_a_transaction_older_than_the_proof_is_seen(pg, pg_server, bq, backfill_dag):
+    source = inventory_rows(SEED_TENANT, 1_000)
+    create_source(bq, source)
+    older = psycopg.connect(pg_server)
+    older.execute("SELECT pg_current_xact_id()")  # this transaction's xid is older than the backfill's
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+    where, params = _where(source[600])
+    older.execute(f"UPDATE inventory_movements SET movement_type = 'theirs' WHERE {where}", params)  # noqa: S608
+    older.commit()
+    older.close()
+    [(theirs,)] = pg.execute(f"SELECT xmin::text::bigint FROM inventory_movements WHERE {where}", params)  # noqa: S608
+    [(ours,)] = pg.execute("SELECT min(xmin::text::bigint) FROM inventory_movements WHERE movement_type <> 'theirs'")
+    assert theirs < ours  # newer than the proof, yet a smaller xid: "no xmin above the newest seen" would miss it
+
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+
+    done = chunks(pg, jobs(pg)[1]["id"])
+    assert [c["write_path"] for c in done] == ["proven", "proven", "upsert", "proven"]
+    assert [c["rows_updated"] for c in done] == [0, 0, 1, 0]
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+
+
+def test_a_deleted_row_is_seen_and_written_back(pg, bq, backfill_dag):
+    source = inventory_rows(SEED_TENANT, 1_000)
+    create_source(bq, source)
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+    where, params = _where(source[10])
+    pg.execute(f"DELETE FROM inventory_movements WHERE {where}", params)  # noqa: S608
+
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+
+    done = chunks(pg, jobs(pg)[1]["id"])
+    assert [c["write_path"] for c in done] == ["upsert", "proven", "proven", "proven"]
+    assert [c["rows_inserted"] for c in done] == [1, 0, 0, 0]
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+
+
+def test_a_changed_source_row_sends_its_slice_to_the_comparison(pg, bq, backfill_dag):
+    source = inventory_rows(SEED_TENANT, 1_000)
+    create_source(bq, source)
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+    source[300]["quantity"] += Decimal("0.0001")
+    source[800]["updated_at"] += timedelta(microseconds=1)
+    create_source(bq, source)
+
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+
+    done = chunks(pg, jobs(pg)[1]["id"])
+    assert [c["write_path"] for c in done] == ["proven", "upsert", "proven", "upsert"]
+    assert [c["rows_updated"] for c in done] == [0, 1, 0, 1]
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+
+
+def test_only_the_latest_completed_runs_proofs_are_kept(pg, bq, backfill_dag):
+    create_source(bq, inventory_rows(SEED_TENANT, 1_000))
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+    before = table_state(pg, "inventory_movements")
+    latest = jobs(pg)[1]["id"]
+
+    kept = pg.execute("SELECT job_id::text, count(*) FROM backfill_range_proofs GROUP BY 1").fetchall()
+
+    assert kept == [(latest, 4)]  # one per slice: 4 chunks of 250 rows, one slice each
+    assert table_state(pg, "inventory_movements") == before
+
+
+def _proof(rows: pa.Table) -> range_proofs.ProofKey:
+    return range_proofs.ProofKey(SEED_TENANT, "inventory", range_proofs.digest(MODEL, rows), "0" * 32)
+
+
+def test_no_proof_for_a_range_that_holds_someone_elses_row(pg):
+    ledger.apply_schema(pg)
+    source = inventory_rows(SEED_TENANT, 300)
+    rows = _chunk_rows(source)
+    theirs = {**source[150], "product_code": source[150]["product_code"] + "x"}  # inside the slice's key range
+    pg.execute(
+        "INSERT INTO inventory_movements VALUES (%(tenant_id)s, %(movement_date)s, %(branch_id)s, %(product_code)s, "
+        "%(quantity)s, %(unit_cost)s, %(movement_type)s, %(updated_at)s)",
+        theirs,
+    )
+    for _ in range(2):
+        with pg.transaction():
+            assert sink.land_rows(pg, MODEL, SEED_TENANT, rows, proof=_proof(rows)).path == "upsert"
+    assert pg.execute("SELECT count(*) FROM backfill_range_proofs").fetchone() == (0,)
+
+    # a COPY whose range gains someone else's row before the proof is taken gets none either
+    pg.execute("DELETE FROM inventory_movements")
+    other = _chunk_rows(source[:100])
+    with pg.transaction():
+        assert sink.land_rows(pg, MODEL, SEED_TENANT, other).path == "copy"
+        extra = {**other.slice(50, 1).to_pylist()[0], "product_code": other["product_code"][50].as_py() + "x"}
+        pg.execute(
+            "INSERT INTO inventory_movements VALUES (%(tenant_id)s, %(movement_date)s, %(branch_id)s, "
+            "%(product_code)s, %(quantity)s, %(unit_cost)s, %(movement_type)s, %(updated_at)s)",
+            extra,
+        )
+        assert not range_proofs.record_copied(pg, MODEL, _proof(other), key_range(MODEL, other), other)
+    assert pg.execute("SELECT count(*) FROM backfill_range_proofs").fetchone() == (0,)
+
+
+def test_the_digest_is_of_the_values_not_of_the_batching():
+    source = inventory_rows(SEED_TENANT, 500)
+    whole = pa.Table.from_pylist(source, schema=ARROW_SCHEMA)
+    batched = pa.Table.from_batches(whole.to_batches(max_chunksize=77))
+    with_offsets = _chunk_rows(source)
+
+    assert range_proofs.digest(MODEL, whole) == range_proofs.digest(MODEL, batched)
+    assert range_proofs.digest(MODEL, whole) == range_proofs.digest(MODEL, with_offsets)  # offsets are not content
+    assert range_proofs.digest(MODEL, whole.slice(1)) == range_proofs.digest(MODEL, batched.slice(1))
+
+    def changed(i: int, **values) -> bytes:
+        rows = [dict(r) for r in source]
+        rows[i].update(values)
+        return range_proofs.digest(MODEL, pa.Table.from_pylist(rows, schema=ARROW_SCHEMA))
+
+    base = range_proofs.digest(MODEL, whole)
+    assert changed(3, updated_at=source[3]["updated_at"] + timedelta(microseconds=1)) != base
+    assert changed(4, movement_type=None) != changed(4, movement_type="")
+    assert changed(5, quantity=source[5]["quantity"] + Decimal("0.0001")) != base
