@@ -318,7 +318,7 @@ def rss_only(source_rows: int) -> int:
         for start in range(1_000_000, source_rows, 1_000_000):  # in slices: bounded memory here and in the emulator
             batch = inventory_table(SEED_TENANT, min(source_rows, start + 1_000_000), seed=0).slice(start)
             append_source(client, batch)
-        rss = {size: chunk_rss(size) for size in (10_000, 50_000, 200_000, 500_000)}
+        rss = {str(size): chunk_rss(size) for size in (10_000, 50_000, 200_000, 500_000)}
         services.drop_database(admin, "backfill_bench")
     results.setdefault("chunk_task_peak_rss_mb_by_source_rows", {})[str(source_rows)] = rss
     say(f"chunk task peak RSS (MB) with {source_rows:,} source rows: {rss}")

@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS backfill_chunks (
 ALTER TABLE backfill_chunks
     ADD COLUMN IF NOT EXISTS read_seconds  real,
     ADD COLUMN IF NOT EXISTS write_seconds real,
-    -- copy (empty key range), unchanged (nothing to write) or upsert
+    -- copy (empty key range), proven (as a range proof says), unchanged (compared, nothing to write) or upsert
     ADD COLUMN IF NOT EXISTS write_path    text;
 
 -- Source rows that cannot land (e.g. a NULL key column), with the reason, kept for inspection.

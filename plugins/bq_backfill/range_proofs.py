@@ -13,8 +13,10 @@ restore, or frozen in a way that shows in xmin) only costs the full comparison.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pyarrow as pa
@@ -40,10 +42,23 @@ def digest(model: Model, rows: pa.Table) -> bytes:
     """A digest of the rows' model columns, in their order: Arrow IPC of one record batch (the same bytes for the
     same values and types, however the rows were batched), hashed with BLAKE2b."""
     table = rows.select(list(model.column_names)).combine_chunks()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    hasher = hashlib.blake2b(digest_size=32)
+    # the IPC stream goes straight into the hash: no second copy of the slice in memory
+    with pa.ipc.new_stream(pa.PythonFile(_HashWriter(hasher), mode="w"), table.schema) as writer:
         writer.write_table(table, max_chunksize=max(table.num_rows, 1))
-    return hashlib.blake2b(sink.getvalue(), digest_size=32).digest()
+    return hasher.digest()
+
+
+class _HashWriter(io.RawIOBase):
+    def __init__(self, hasher: Any) -> None:
+        self.hasher = hasher
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.hasher.update(data)
+        return len(data)
 
 
 def versions_of(fetched: pa.Table) -> dict[str, int]:
