@@ -58,6 +58,8 @@ def test_failed_chunk_fails_the_run_and_the_job(pg, bq, backfill_dag):
     assert pg.execute(
         "SELECT count(*) FROM inventory_movements WHERE product_code BETWEEN 'P0000750' AND 'P0000999'"
     ).fetchone() == (0,)
+    # no range proof either: one per slice of the four chunks that committed, none for the one that rolled back
+    assert pg.execute("SELECT count(*) FROM backfill_range_proofs").fetchone() == (4,)
 
 
 def test_clearing_the_failed_chunk_with_downstream_resumes(pg, bq, backfill_dag):

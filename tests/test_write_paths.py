@@ -216,3 +216,6 @@ def test_text_keys_in_a_linguistic_collation_land_and_reconcile(pg, bq, backfill
 
     assert backfill_dag.test(run_conf=conf()).state == "success"
     assert table_state(pg, "inventory_movements") == before
+    assert backfill_dag.test(run_conf=conf()).state == "success"  # again, with the proofs the last run recorded
+    assert table_state(pg, "inventory_movements") == before
+    assert sorted(target_rows(pg, SEED_TENANT)) == as_tuples(source)
