@@ -5,9 +5,11 @@ A proof is recorded when a slice lands by COPY into an empty range or is found e
 of the slice's rows and the versions of the range's rows (xmin, with how many rows carry each). Row versions only
 come and go with writes: any insert, update or delete in the range since, committed by anyone, changes them (a
 new version carries the xid of a transaction that was not committed when the proof was taken, so it cannot be
-among the proof's). A re-run whose slice has the same digest, over a range with the same row versions, is then
-known to hold the same rows. Anything else (a new digest, a row changed, a range rewritten by VACUUM FULL or a
-restore, or frozen in a way that shows in xmin) only costs the full comparison.
+among the proof's). The recording chunk's own later slices write only keys they hold themselves: a key repeated
+across a slice boundary, which ends as the later slice's row, as the upsert would leave it. A re-run whose slice
+has the same digest, over a range with the same row versions, is then known to hold the same rows. Anything else
+(a new digest, a row changed, a range rewritten by VACUUM FULL or a restore, or frozen in a way that shows in
+xmin) only costs the full comparison.
 """
 
 from __future__ import annotations
