@@ -16,7 +16,15 @@ from test_write_paths import _chunk_rows
 from bq_backfill import ledger, range_proofs, sink
 from bq_backfill.models import get_model
 from bq_backfill.target_rows import key_range
-from devtools.seed import ARROW_SCHEMA, SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
+from devtools.seed import (
+    ARROW_SCHEMA,
+    SEED_TENANT,
+    as_tuples,
+    create_source,
+    insert_target,
+    inventory_rows,
+    target_rows,
+)
 
 MODEL = get_model("inventory")
 
@@ -100,11 +108,7 @@ def test_no_proof_for_a_range_that_holds_someone_elses_row(pg):
     source = inventory_rows(SEED_TENANT, 300)
     rows = _chunk_rows(source)
     theirs = {**source[150], "product_code": source[150]["product_code"] + "x"}  # inside the slice's key range
-    pg.execute(
-        "INSERT INTO inventory_movements VALUES (%(tenant_id)s, %(movement_date)s, %(branch_id)s, %(product_code)s, "
-        "%(quantity)s, %(unit_cost)s, %(movement_type)s, %(updated_at)s)",
-        theirs,
-    )
+    insert_target(pg, [theirs])
     for _ in range(2):
         with pg.transaction():
             assert sink.land_rows(pg, MODEL, SEED_TENANT, rows, proof=_proof(rows)).path == "upsert"
@@ -115,12 +119,7 @@ def test_no_proof_for_a_range_that_holds_someone_elses_row(pg):
     other = _chunk_rows(source[:100])
     with pg.transaction():
         assert sink.land_rows(pg, MODEL, SEED_TENANT, other).path == "copy"
-        extra = {**other.slice(50, 1).to_pylist()[0], "product_code": other["product_code"][50].as_py() + "x"}
-        pg.execute(
-            "INSERT INTO inventory_movements VALUES (%(tenant_id)s, %(movement_date)s, %(branch_id)s, "
-            "%(product_code)s, %(quantity)s, %(unit_cost)s, %(movement_type)s, %(updated_at)s)",
-            extra,
-        )
+        insert_target(pg, [{**source[50], "product_code": source[50]["product_code"] + "x"}])
         assert not range_proofs.record_copied(pg, MODEL, _proof(other), key_range(MODEL, other), other)
     assert pg.execute("SELECT count(*) FROM backfill_range_proofs").fetchone() == (0,)
 

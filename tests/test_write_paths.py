@@ -108,11 +108,7 @@ def test_a_row_written_by_someone_else_during_the_copy_turns_it_into_an_upsert(p
     # Another session writes a key of the chunk and has not committed when the chunk checks its key range.
     other = psycopg.connect(pg_server)
     theirs = {**rows[300], "movement_type": "theirs"}
-    other.execute(
-        "INSERT INTO inventory_movements VALUES (%(tenant_id)s, %(movement_date)s, %(branch_id)s, %(product_code)s, "
-        "%(quantity)s, %(unit_cost)s, %(movement_type)s, %(updated_at)s)",
-        theirs,
-    )
+    insert_target(other, [theirs])
     landed: list[sink.Landed] = []
 
     def land() -> None:
