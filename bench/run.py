@@ -175,9 +175,9 @@ def chunk_rss(chunk_size: int) -> float:
         conn.commit()
     code = (
         "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/plugins'];"
-        "from bq_backfill import steps;"
-        "s = steps.Settings.from_params(json.loads(sys.argv[2])); chunk = json.loads(sys.argv[3]);"
-        "steps.load_chunk(s, chunk);"
+        "from bq_backfill.settings import Settings; from bq_backfill.tasks.chunk import load_chunk;"
+        "s = Settings.from_params(json.loads(sys.argv[2])); chunk = json.loads(sys.argv[3]);"
+        "load_chunk(s, chunk);"
         # VmHWM, not ru_maxrss: the latter keeps the forking parent's size across exec
         "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024)"
     )

@@ -30,7 +30,7 @@ _TABLE = r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
 
 
 def _settings():
-    from bq_backfill.steps import Settings
+    from bq_backfill.settings import Settings
 
     return Settings.from_params(get_current_context()["params"])
 
@@ -45,7 +45,8 @@ def _run():
 def _mark_job_failed(context) -> None:
     """Task failure callback: the job row says failed, with the error, instead of staying `running`."""
     from bq_backfill.ledger import RunKey
-    from bq_backfill.steps import Settings, mark_job_failed
+    from bq_backfill.settings import Settings
+    from bq_backfill.tasks.failure import mark_job_failed
 
     ti = context["ti"]
     mapped = ti.map_index not in (None, -1)
@@ -106,7 +107,7 @@ def _chunk_index(context) -> int:
 def bigquery_backfill():
     @task
     def cleanup_stale_jobs() -> dict[str, int]:
-        from bq_backfill.steps import cleanup_stale_jobs as run
+        from bq_backfill.tasks.cleanup import cleanup_stale_jobs as run
 
         return run(_settings(), _run())
 
@@ -114,7 +115,7 @@ def bigquery_backfill():
     def plan_chunks() -> list[dict]:
         from airflow.configuration import conf
 
-        from bq_backfill.steps import plan_chunks as run
+        from bq_backfill.tasks.plan import plan_chunks as run
 
         return run(_settings(), _run(), conf.getint("core", "max_map_length"))
 
@@ -129,8 +130,8 @@ def bigquery_backfill():
     def load_chunk(chunk: dict) -> dict[str, int]:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from bq_backfill.steps import is_transient
-        from bq_backfill.steps import load_chunk as run
+        from bq_backfill.errors import is_transient
+        from bq_backfill.tasks.chunk import load_chunk as run
 
         try:
             return run(_settings(), chunk)
@@ -141,7 +142,7 @@ def bigquery_backfill():
 
     @task(trigger_rule="all_done")  # also after a failed or killed chunk: the job must not stay `running`
     def finalize() -> dict[str, int]:
-        from bq_backfill.steps import finalize as run
+        from bq_backfill.tasks.finalize import finalize as run
 
         return run(_settings(), _run())
 

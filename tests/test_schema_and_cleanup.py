@@ -121,9 +121,10 @@ def test_one_active_job_index_refuses_a_second_pending_job(pg):
 
 def test_blocked_index_is_a_warning_not_a_failure(pg, caplog):
     _populated(pg)
-    from bq_backfill import steps
+    from bq_backfill.settings import Settings
+    from bq_backfill.tasks.cleanup import cleanup_stale_jobs
 
-    settings = steps.Settings.from_params(
+    settings = Settings.from_params(
         {
             "tenant_id": SEED_TENANT,
             "model_type": "inventory",
@@ -136,6 +137,6 @@ def test_blocked_index_is_a_warning_not_a_failure(pg, caplog):
         }
     )
     with caplog.at_level(logging.INFO):
-        steps.cleanup_stale_jobs(settings, RUN)
+        cleanup_stale_jobs(settings, RUN)
     assert f"tenant {OTHER_TENANT} model inventory still has 2 pending/running jobs" in caplog.text
     assert "deleted 209 stale job rows (206 pending, 1 running, 2 failed) and 209 progress rows" in caplog.text

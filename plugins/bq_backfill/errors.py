@@ -1,0 +1,38 @@
+"""What a failure means for the task that meets it: retried with backoff, or failed at once."""
+
+from __future__ import annotations
+
+import psycopg
+
+
+class PermanentChunkError(Exception):
+    """An error that a retry cannot fix (bad data, a constraint, a trigger): fail now, clear when fixed."""
+
+
+class SourceReadError(Exception):
+    """Reading a chunk from BigQuery failed; transient or not as its cause is."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth a retry with backoff: the network, a restarted or overloaded server, a timeout.
+    Anything else (bad data, a bug, a refused statement) fails at once; a retry would only repeat it."""
+    import grpc
+    from google.api_core import exceptions as gexc
+
+    transient = (
+        psycopg.OperationalError,
+        ConnectionError,
+        TimeoutError,
+        gexc.ServerError,
+        gexc.TooManyRequests,
+        gexc.RetryError,
+        gexc.DeadlineExceeded,
+        grpc.RpcError,
+    )
+    if isinstance(exc, SourceReadError) and exc.__cause__ is not None:
+        return is_transient(exc.__cause__)
+    return isinstance(exc, transient) and not isinstance(exc, PermanentChunkError)
+
+
+class ReconciliationError(Exception):
+    pass

@@ -1,0 +1,54 @@
+"""cleanup_stale_jobs: the tenant+model's stale ledger rows go, after both connections and the source are checked."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+
+from bq_backfill import ledger
+from bq_backfill.connections import bigquery, postgres, source_table
+from bq_backfill.ledger import RunKey
+from bq_backfill.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def cleanup_stale_jobs(s: Settings, run: RunKey) -> dict[str, int]:
+    # Both connections and the source are checked before anything is deleted: a broken setup fails here.
+    bq = bigquery(s.gcp_conn_id)
+    source = source_table(s, bq)
+    try:
+        bq.check_source(s.model, source)
+    except Exception as exc:
+        raise ConnectionError(f"BigQuery connection {s.gcp_conn_id!r}: {exc}") from exc
+    with postgres(s.postgres_conn_id) as conn:
+        ledger.apply_schema(conn)
+        deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type)
+        blocked = ledger.ensure_active_job_index(conn)
+        verb = "would delete" if s.dry_run else "deleted"
+        log.info(
+            "cleanup for tenant %s model %s: %s %d stale job rows (%d pending, %d running, %d failed) "
+            "and %d progress rows; target table %s untouched",
+            s.tenant_id,
+            s.model_type,
+            verb,
+            deleted["jobs_deleted"],
+            deleted["pending_deleted"],
+            deleted["running_deleted"],
+            deleted["failed_deleted"],
+            deleted["progress_deleted"],
+            s.model.target_table,
+        )
+        for row in blocked:
+            log.warning(
+                "one-active-job index not created yet: tenant %s model %s still has %d pending/running jobs; "
+                "a backfill run for that tenant+model cleans them up",
+                row["tenant_id"],
+                row["model_type"],
+                row["active_jobs"],
+            )
+        if s.dry_run:
+            log.info("dry run: cleanup rolled back, nothing deleted")
+            raise psycopg.Rollback()  # the same statements, undone; the transaction block swallows it
+    return deleted
