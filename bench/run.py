@@ -163,13 +163,14 @@ def chunk_rss(chunk_size: int) -> float:
     model = get_model("inventory")
     src = BigQuerySource.from_connection("google_cloud_default")
     snap = TableRef(src.project, "backfill_scratch", "bench_rss")
-    total = src.ensure_snapshot(model, src.table(model.source_table), SEED_TENANT, snap, src.now())
+    as_of = src.now()
+    total = src.new_snapshot(model, src.table(model.source_table), SEED_TENANT, snap, as_of)
     reset_target(os.environ["BENCH_DSN"])
     with psycopg.connect(os.environ["BENCH_DSN"]) as conn:
-        job, _ = ledger.claim_job(
-            conn, ledger.RunKey("bench", f"rss-{chunk_size}"), tenant_id=SEED_TENANT, model_type="inventory",
-            total_records=total, chunk_size=chunk_size, source_table=model.source_table, snapshot_table=str(snap),
-            snapshot_at=src.now(),
+        job, _ = ledger.claim_job(conn, ledger.RunKey("bench", f"rss-{chunk_size}"), SEED_TENANT, "inventory")
+        job = ledger.record_plan(
+            conn, job, total_records=total, chunk_size=chunk_size, source_table=model.source_table,
+            snapshot_table=str(snap), snapshot_at=as_of,
         )  # fmt: skip
         ledger.plan_chunks(conn, job)
         conn.commit()

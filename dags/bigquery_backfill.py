@@ -23,10 +23,20 @@ from datetime import timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 
 from bq_backfill.models import MODELS
+from bq_backfill.settings import NUMERIC_ROUNDING, allowed
 
 POOL = "bigquery_backfill_postgres"
+# No task waits forever: past this, Airflow stops it (a chunk is then retried like any transient failure).
+TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("BACKFILL_TASK_TIMEOUT_MINUTES", "60")))
 _NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,249}$"
 _TABLE = r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
+
+
+def _allowed(param: str, preferred: str, pattern: str = _NAME) -> Param:
+    """A Param limited to what the deployment allows ([bigquery_backfill] allowed_*; see README)."""
+    values = allowed(param)
+    default = preferred if preferred in values else values[0]
+    return Param(default, type="string", pattern=pattern, enum=values, description=f"One of: {', '.join(values)}.")
 
 
 def _settings():
@@ -73,7 +83,7 @@ def _chunk_index(context) -> int:
     doc_md=__doc__,
     tags=["backfill", "bigquery", "postgres"],
     render_template_as_native_obj=True,
-    default_args={"retries": 0, "on_failure_callback": _mark_job_failed},
+    default_args={"retries": 0, "on_failure_callback": _mark_job_failed, "execution_timeout": TASK_TIMEOUT},
     params={
         "tenant_id": Param(type="string", format="uuid", description="Tenant whose rows are backfilled."),
         "model_type": Param("inventory", type="string", enum=sorted(MODELS), description="What to backfill."),
@@ -88,20 +98,27 @@ def _chunk_index(context) -> int:
         "max_rejected_rows": Param(
             0, type="integer", minimum=0, description="Rows allowed in quarantine before the run fails."
         ),
+        "allow_empty_source": Param(
+            False,
+            type="boolean",
+            description="Let a run whose snapshot holds no row of the tenant succeed (otherwise it fails).",
+        ),
+        "numeric_rounding": Param(
+            "reject",
+            type="string",
+            enum=list(NUMERIC_ROUNDING),
+            description="A number with more decimals than its target column: reject (quarantine) or round it.",
+        ),
         "source_table": Param(
             None,
             type=["null", "string"],
             pattern=_TABLE,
-            description="BigQuery [project.]dataset.table; empty uses the model's registered source.",
+            enum=[None, *allowed("source_table")],
+            description="BigQuery [project.]dataset.table allowed by the deployment; empty uses the model's own.",
         ),
-        "scratch_dataset": Param(
-            "backfill_scratch",
-            type="string",
-            pattern=r"^[A-Za-z0-9_]{1,1024}$",
-            description="BigQuery dataset for the run's snapshot table (dropped when the run completes).",
-        ),
-        "gcp_conn_id": Param("google_cloud_default", type="string", pattern=_NAME),
-        "postgres_conn_id": Param("postgres_default", type="string", pattern=_NAME),
+        "scratch_dataset": _allowed("scratch_dataset", "backfill_scratch", r"^[A-Za-z0-9_]{1,1024}$"),
+        "gcp_conn_id": _allowed("gcp_conn_id", "google_cloud_default"),
+        "postgres_conn_id": _allowed("postgres_conn_id", "postgres_default"),
     },
 )
 def bigquery_backfill():

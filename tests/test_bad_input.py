@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from airflow.sdk.definitions.param import ParamValidationError
-from helpers import chunks, conf, jobs, table_state
+from helpers import chunks, conf, jobs, scratch_tables, table_state
 
 from bq_backfill import ledger
 from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
@@ -101,8 +101,11 @@ def test_too_many_chunks_fails_plan_with_the_size_that_fits(pg, bq, backfill_dag
     assert dr.state == "failed"
     assert {ti.task_id: ti.state for ti in dr.get_task_instances()}["plan_chunks"] == "failed"
     assert pg.execute("SELECT count(*) FROM inventory_movements").fetchone() == (0,)
-    assert jobs(pg) == []  # refused before the job row was written
-    assert "make 5 chunks, over [core] max_map_length (4): trigger again with chunk_size >= 251" in caplog.text
+    message = "make 5 chunks, over [core] max_map_length (4): trigger again with chunk_size >= 251"
+    assert message in caplog.text
+    [job] = jobs(pg)  # claimed by cleanup, failed by plan with the reason, never planned
+    assert job["status"] == "failed" and message in job["error_message"] and job["total_records"] is None
+    assert scratch_tables(bq) == []  # the snapshot plan made for nothing is dropped, not left to expire
 
 
 def test_out_of_range_numbers_nul_characters_long_text_unicode_and_edge_dates(pg, bq, backfill_dag):
@@ -130,7 +133,11 @@ def test_out_of_range_numbers_nul_characters_long_text_unicode_and_edge_dates(pg
     ).fetchall()
     assert quarantined == [
         ("P0000000", "quantity out of range for numeric(18,4)", rows[0]["movement_type"]),
-        ("P0000001", "unit_cost out of range for numeric(18,4)", rows[1]["movement_type"]),
+        (
+            "P0000001",
+            "unit_cost out of range for numeric(18,4); unit_cost has more than 4 decimal places",
+            rows[1]["movement_type"],
+        ),
         ("P0000003", "movement_type contains a NUL character", "bad\\u0000byte"),
     ]
     landed = {r[3]: r for r in target_rows(pg, SEED_TENANT)}

@@ -13,6 +13,13 @@ from bq_backfill.ledger import RunKey
 from devtools.seed import OTHER_TENANT, SEED_TENANT, insert_target, inventory_rows, legacy_jobs
 
 RUN = RunKey("bigquery_backfill", "manual__test")
+
+
+def unknown_to_airflow(dag_id: str, run_id: str) -> None:
+    """Airflow's answer about a dag run it has no record of (these tests run no dag)."""
+    return None
+
+
 CATALOG = """
     SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
            pg_get_expr(d.adbin, d.adrelid)
@@ -87,7 +94,7 @@ def test_cleanup_deletes_only_the_targeted_tenant_and_model(pg):
     target = table_state(pg, "inventory_movements")
 
     with pg.transaction():
-        deleted = ledger.delete_stale_jobs(pg, RUN, SEED_TENANT, "inventory")
+        deleted = ledger.delete_stale_jobs(pg, RUN, SEED_TENANT, "inventory", unknown_to_airflow)
         blocked = ledger.ensure_active_job_index(pg)
 
     assert deleted == {
@@ -111,7 +118,7 @@ def test_one_active_job_index_refuses_a_second_pending_job(pg):
     ledger.apply_schema(pg)
     legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=206)
     with pg.transaction():
-        ledger.delete_stale_jobs(pg, RUN, SEED_TENANT, "inventory")
+        ledger.delete_stale_jobs(pg, RUN, SEED_TENANT, "inventory", unknown_to_airflow)
         assert ledger.ensure_active_job_index(pg) == []
     legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=1)  # one active job: allowed
 
@@ -131,12 +138,12 @@ def test_blocked_index_is_a_warning_not_a_failure(pg, caplog):
             "chunk_size": 100,
             "dry_run": False,
             "max_rejected_rows": 0,
-            "scratch_dataset": "s",
+            "scratch_dataset": "backfill_scratch",
             "gcp_conn_id": "google_cloud_default",
             "postgres_conn_id": "postgres_default",
         }
     )
     with caplog.at_level(logging.INFO):
-        cleanup_stale_jobs(settings, RUN)
+        cleanup_stale_jobs(settings, RUN, run_active=unknown_to_airflow)
     assert f"tenant {OTHER_TENANT} model inventory still has 2 pending/running jobs" in caplog.text
     assert "deleted 209 stale job rows (206 pending, 1 running, 2 failed) and 209 progress rows" in caplog.text

@@ -24,7 +24,7 @@ def test_snapshot_numbers_rows_by_the_full_key_and_large_chunks_read_whole(bq):
     src = _source()
     snap = TableRef(src.project, "backfill_scratch", "snap_test")
 
-    total = src.ensure_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now())
+    total = src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now())
     assert total == 120_000
 
     cols = [*MODEL.column_names, "_row_offset"]
@@ -41,15 +41,26 @@ def test_snapshot_is_frozen_and_recreated_identically_from_its_timestamp(bq):
     src = _source()
     as_of = src.now()
     first = TableRef(src.project, "backfill_scratch", "snap_a")
-    src.ensure_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of)
+    src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of)
     append_source(bq, inventory_table(SEED_TENANT, 2_500).slice(2_000))  # the source moves on after plan
 
     again = TableRef(src.project, "backfill_scratch", "snap_b")
-    total = src.ensure_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, again, as_of)
+    total = src.keep_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, again, as_of)
     assert total == 2_000
     cols = [*MODEL.column_names, "_row_offset"]
     a = src.read_rows(first, 0, 2_000, cols).sort_by("_row_offset")
     b = src.read_rows(again, 0, 2_000, cols).sort_by("_row_offset")
     assert a.to_pylist() == b.to_pylist()
-    # re-creating an existing snapshot (a retried plan) keeps it as it is
-    assert src.ensure_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of + timedelta(0)) == 2_000
+    # keeping an existing snapshot (a retried plan) leaves it as it is; a new one replaces it, as of its own time
+    assert src.keep_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of + timedelta(0)) == 2_000
+    assert src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, src.now()) == 2_500
+
+
+def test_the_tenant_matches_in_either_letter_case(bq):
+    create_source(bq, inventory_table(SEED_TENANT.upper(), 300))
+    append_source(bq, inventory_table(SEED_TENANT, 1_000).slice(300))
+    src = _source()
+    snap = TableRef(src.project, "backfill_scratch", "snap_case")
+
+    assert src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now()) == 1_000
+    assert src.count_tenant_rows(MODEL, src.table(MODEL.source_table), SEED_TENANT.upper()) == 1_000

@@ -3,6 +3,7 @@ WITH chunk AS (
     UPDATE backfill_chunks
     SET status = 'done', rows_read = %(read)s, rows_inserted = %(inserted)s, rows_updated = %(updated)s,
         rows_unchanged = %(unchanged)s, rows_duplicate = %(duplicate)s, rows_rejected = %(rejected)s,
+        rows_rounded = %(rounded)s,
         read_seconds = %(read_seconds)s, write_seconds = %(write_seconds)s, write_path = %(write_path)s,
         completed_at = now(), error_message = NULL
     WHERE job_id = %(job_id)s AND chunk_index = %(chunk_index)s AND status <> 'done'
@@ -18,6 +19,7 @@ job AS (
     UPDATE bigquery_backfill_jobs j
     SET processed_records = j.processed_records + %(read)s,
         rejected_records = j.rejected_records + %(rejected)s,
+        rounded_records = j.rounded_records + %(rounded)s,
         updated_at = now(),
         -- A cleared chunk that now succeeds puts its failed job back to running, unless another chunk is still
         -- failed; a sibling finishing after a failure leaves the job failed.

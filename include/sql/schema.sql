@@ -35,7 +35,9 @@ ALTER TABLE bigquery_backfill_jobs
     ADD COLUMN IF NOT EXISTS rejected_records  bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS started_at        timestamptz,
     ADD COLUMN IF NOT EXISTS completed_at      timestamptz,
-    ADD COLUMN IF NOT EXISTS error_message     text;
+    ADD COLUMN IF NOT EXISTS error_message     text,
+    -- rows with a number rounded to its column's scale (numeric_rounding = 'round')
+    ADD COLUMN IF NOT EXISTS rounded_records   bigint NOT NULL DEFAULT 0;
 -- A job belongs to exactly one dag run: re-running the run's tasks reuses it.
 CREATE UNIQUE INDEX IF NOT EXISTS bigquery_backfill_jobs_dag_run
     ON bigquery_backfill_jobs (dag_id, dag_run_id);
@@ -75,7 +77,8 @@ ALTER TABLE backfill_chunks
     ADD COLUMN IF NOT EXISTS read_seconds  real,
     ADD COLUMN IF NOT EXISTS write_seconds real,
     -- copy (empty key range), proven (as a range proof says), unchanged (compared, nothing to write) or upsert
-    ADD COLUMN IF NOT EXISTS write_path    text;
+    ADD COLUMN IF NOT EXISTS write_path    text,
+    ADD COLUMN IF NOT EXISTS rows_rounded  bigint;
 
 -- Source rows that cannot land (e.g. a NULL key column), with the reason, kept for inspection.
 CREATE TABLE IF NOT EXISTS backfill_quarantine (

@@ -1,7 +1,15 @@
-"""The two connections a run uses: Postgres through PostgresHook (psycopg 3), BigQuery through the google provider."""
+"""The two connections a run uses: Postgres through PostgresHook (psycopg 3), BigQuery through the google provider.
+
+Every wait is bounded. A Postgres transaction of this package starts by setting, for itself only (so that a
+connection pooler in transaction mode sees nothing it would refuse): a statement timeout, a lock timeout (a chunk
+behind the leftover session of a killed attempt, or behind another session's uncommitted key, fails as transient
+and is retried), an idle-in-transaction timeout, and TCP keepalives, with which the server ends the session of a
+worker that vanished without closing its connection.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,12 +18,37 @@ import psycopg
 from bq_backfill.settings import Settings
 from bq_backfill.source import BigQuerySource, TableRef
 
+# (server setting, environment variable, default in seconds); read at connection time.
+PG_TIMEOUTS = (
+    ("statement_timeout", "BACKFILL_PG_STATEMENT_TIMEOUT_SECONDS", 900),
+    ("lock_timeout", "BACKFILL_PG_LOCK_TIMEOUT_SECONDS", 120),
+    ("idle_in_transaction_session_timeout", "BACKFILL_PG_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", 600),
+)
+PG_KEEPALIVES = (("tcp_keepalives_idle", 30), ("tcp_keepalives_interval", 10), ("tcp_keepalives_count", 3))
+
+
+def pg_session_settings() -> dict[str, str]:
+    """What each transaction sets for itself: the timeouts (from the environment) and the server's keepalives."""
+    settings = {}
+    for name, variable, default in PG_TIMEOUTS:
+        raw = os.environ.get(variable, str(default))
+        try:
+            seconds = float(raw)
+        except ValueError:
+            raise ValueError(f"{variable} must be a number of seconds, not {raw!r}") from None
+        if seconds <= 0:
+            raise ValueError(f"{variable} must be a positive number of seconds, not {raw!r}")
+        settings[name] = f"{int(seconds * 1000)}ms"
+    settings.update((name, str(value)) for name, value in PG_KEEPALIVES)
+    return settings
+
 
 @contextmanager
 def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
     """A psycopg 3 connection from PostgresHook; one transaction, committed on success, rolled back on error."""
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
+    settings = pg_session_settings()
     try:
         conn = PostgresHook(postgres_conn_id=conn_id).get_conn()
     except Exception as exc:  # not defined (AirflowNotFoundException), refused, bad password, unknown database
@@ -24,6 +57,10 @@ def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
         raise TypeError(f"connection {conn_id!r} did not give a psycopg 3 connection; install psycopg[binary]")
     try:
         with conn.transaction():
+            conn.execute(
+                "SELECT " + ", ".join("set_config(%s, %s, true)" for _ in settings),
+                [v for item in settings.items() for v in item],
+            )
             yield conn
     finally:
         conn.close()

@@ -31,8 +31,12 @@ def is_transient(exc: BaseException) -> bool:
     )
     if isinstance(exc, SourceReadError) and exc.__cause__ is not None:
         return is_transient(exc.__cause__)
-    return isinstance(exc, transient) and not isinstance(exc, PermanentChunkError)
+    return isinstance(exc, transient)
 
 
 class ReconciliationError(Exception):
-    pass
+    """The run's counts or keys do not add up: the job is not completed."""
+
+
+class EmptySourceError(ValueError):
+    """The snapshot holds no row of the tenant (a mistyped tenant, or the wrong source table)."""

@@ -7,8 +7,9 @@ chunk's rows and its progress commit together.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -32,12 +33,16 @@ class RunKey:
 
 @dataclass(frozen=True)
 class Job:
+    """A run's job row. The snapshot fields are None until plan_chunks has taken the snapshot."""
+
     id: str
-    total_records: int
-    chunk_size: int
-    source_table: str
-    snapshot_table: str
-    snapshot_at: datetime
+    status: str
+    total_records: int | None
+    chunk_size: int | None
+    source_table: str | None
+    snapshot_table: str | None
+    snapshot_at: datetime | None
+    error_message: str | None = None
 
 
 def _one(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -60,26 +65,53 @@ class ActiveRunError(RuntimeError):
     """Another dag run is actively working on the same tenant+model."""
 
 
-# A job of another run that made progress this recently is alive; older ones are abandoned (a crashed worker).
+class SupersededError(RuntimeError):
+    """A later run of the same tenant+model completed with newer data: this run must not write its older data."""
+
+
+# A job whose dag run Airflow does not know (another Airflow, a dag.test) is alive while it makes progress this
+# recently; a job whose run Airflow knows is alive exactly while Airflow says the run is queued or running.
 LIVE_JOB_SECONDS = 15 * 60
 
+# (dag_id, run_id) -> True: queued or running; False: known to Airflow and finished; None: unknown to Airflow
+RunState = Callable[[str, str], "bool | None"]
 
-def delete_stale_jobs(conn: psycopg.Connection, run: RunKey, tenant_id: str, model_type: str) -> dict[str, int]:
-    live = _all(
-        conn,
-        "live_jobs_of_other_runs.sql",
-        {"tenant_id": tenant_id, "model_type": model_type, "live_seconds": LIVE_JOB_SECONDS, **run.params()},
-    )
-    if live:
-        other = live[0]
-        raise ActiveRunError(
-            f"tenant {tenant_id} model {model_type!r} is being backfilled by dag run {other['dag_run_id']} "
-            f"(job {other['id']}, {other['status']}, last progress {other['updated_at']:%Y-%m-%d %H:%M:%S%z}); "
-            "nothing deleted. Wait for that run to end, or mark it failed, then trigger again."
-        )
-    row = _one(conn, "cleanup_stale_jobs.sql", {"tenant_id": tenant_id, "model_type": model_type, **run.params()})
+
+def lock_tenant_model(conn: psycopg.Connection, tenant_id: str, model_type: str) -> None:
+    conn.execute(sql_text("lock_tenant_model.sql"), {"tenant_id": tenant_id, "model_type": model_type})
+
+
+def delete_stale_jobs(
+    conn: psycopg.Connection, run: RunKey, tenant_id: str, model_type: str, run_active: RunState
+) -> dict[str, int]:
+    """Deletes the tenant+model's pending/running/failed jobs of other runs, refusing (deleting nothing) if one of
+    them belongs to a run that is still alive."""
+    params = {"tenant_id": tenant_id, "model_type": model_type, **run.params()}
+    for other in _all(conn, "other_runs_jobs.sql", params):
+        why = _alive(conn, other, run_active)
+        if why:
+            raise ActiveRunError(
+                f"tenant {tenant_id} model {model_type!r} is being backfilled by dag run {other['dag_run_id']} "
+                f"(job {other['id']}, {other['status']}: {why}); nothing deleted. "
+                "Wait for that run to end, or mark it failed, then trigger again."
+            )
+    row = _one(conn, "cleanup_stale_jobs.sql", params)
     assert row is not None
     return {k: int(v) for k, v in row.items()}
+
+
+def _alive(conn: psycopg.Connection, job: dict[str, Any], run_active: RunState) -> str | None:
+    """Why another run's job is still alive, or None if it is stale."""
+    locked = _one(conn, "locked_chunks.sql", {"job_id": job["id"]})
+    if locked and locked["locked"]:
+        return f"{locked['locked']} of its chunks being written right now"
+    active = run_active(job["dag_id"], job["dag_run_id"])
+    if active:
+        return "Airflow says its run is still queued or running"
+    recent = job["updated_at"] > datetime.now(UTC) - timedelta(seconds=LIVE_JOB_SECONDS)
+    if active is None and job["status"] != "failed" and recent:
+        return f"a run Airflow does not know, last progress {job['updated_at']:%Y-%m-%d %H:%M:%S%z}"
+    return None
 
 
 def ensure_active_job_index(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -92,41 +124,64 @@ def ensure_active_job_index(conn: psycopg.Connection) -> list[dict[str, Any]]:
         return _all(conn, "duplicate_active_jobs.sql", {})
 
 
-def claim_job(
+def claim_job(conn: psycopg.Connection, run: RunKey, tenant_id: str, model_type: str) -> tuple[Job, bool]:
+    """Creates the run's job row or takes the existing one back, as `running`. Returns (job, created)."""
+    try:
+        row = _one(conn, "claim_job.sql", {"tenant_id": tenant_id, "model_type": model_type, **run.params()})
+    except psycopg.errors.UniqueViolation as exc:
+        raise RuntimeError(
+            f"another pending/running backfill job exists for tenant {tenant_id} model {model_type!r} "
+            f"(written by another writer); refusing to create a second one: {exc.diag.message_detail}"
+        ) from exc
+    assert row is not None
+    return _job(row), bool(row["created"])
+
+
+def record_plan(
     conn: psycopg.Connection,
-    run: RunKey,
+    job: Job,
     *,
-    tenant_id: str,
-    model_type: str,
     total_records: int,
     chunk_size: int,
     source_table: str,
     snapshot_table: str,
     snapshot_at: datetime,
-) -> tuple[Job, bool]:
-    """Creates the run's job row or takes the existing one back. Returns (job, created)."""
-    try:
-        row = _one(
-            conn,
-            "claim_job.sql",
-            {
-                "tenant_id": tenant_id,
-                "model_type": model_type,
-                "total_records": total_records,
-                "chunk_size": chunk_size,
-                "source_table": source_table,
-                "snapshot_table": snapshot_table,
-                "snapshot_at": snapshot_at,
-                **run.params(),
-            },
+) -> Job:
+    """Records the snapshot the job reads; once per job."""
+    row = _one(
+        conn,
+        "record_plan.sql",
+        {
+            "job_id": job.id,
+            "total_records": total_records,
+            "chunk_size": chunk_size,
+            "source_table": source_table,
+            "snapshot_table": snapshot_table,
+            "snapshot_at": snapshot_at,
+        },
+    )
+    if row is None:
+        raise RuntimeError(f"job {job.id} was planned meanwhile, or deleted: not recording a second plan")
+    return _job(row)
+
+
+def refuse_if_superseded(conn: psycopg.Connection, job: Job, tenant_id: str, model_type: str) -> None:
+    """Fails if a later run of the tenant+model completed with a newer snapshot than this job's: writing this job's
+    rows now would put older data over newer."""
+    if job.snapshot_at is None:
+        return  # not planned yet: its snapshot will be taken now, newer than any
+    newer = _one(
+        conn,
+        "newer_completed_job.sql",
+        {"tenant_id": tenant_id, "model_type": model_type, "job_id": job.id, "snapshot_at": job.snapshot_at},
+    )
+    if newer:
+        raise SupersededError(
+            f"a newer run completed at {newer['completed_at']:%Y-%m-%d %H:%M:%S%z} (dag run {newer['dag_run_id']}, "
+            f"job {newer['id']}, data as of {newer['snapshot_at']:%Y-%m-%d %H:%M:%S%z}) for tenant {tenant_id} "
+            f"model {model_type!r}; this run's snapshot is older ({job.snapshot_at:%Y-%m-%d %H:%M:%S%z}), so it "
+            "writes nothing: trigger a new run instead"
         )
-    except psycopg.errors.UniqueViolation as exc:
-        raise RuntimeError(
-            f"another pending/running backfill job exists for tenant {tenant_id} model {model_type!r} "
-            f"(created after cleanup, by another writer); refusing to create a second one: {exc.diag.message_detail}"
-        ) from exc
-    assert row is not None
-    return _job(row), bool(row["created"])
 
 
 def find_run_job(conn: psycopg.Connection, run: RunKey) -> Job | None:
@@ -137,16 +192,20 @@ def find_run_job(conn: psycopg.Connection, run: RunKey) -> Job | None:
 def _job(row: dict[str, Any]) -> Job:
     return Job(
         id=str(row["id"]),
-        total_records=int(row["total_records"]),
-        chunk_size=int(row["chunk_size"]),
+        status=row["status"],
+        total_records=None if row["total_records"] is None else int(row["total_records"]),
+        chunk_size=None if row["chunk_size"] is None else int(row["chunk_size"]),
         source_table=row["source_table"],
         snapshot_table=row["snapshot_table"],
         snapshot_at=row["snapshot_at"],
+        error_message=row.get("error_message"),
     )
 
 
 def plan_chunks(conn: psycopg.Connection, job: Job) -> list[dict[str, int]]:
     """Writes the job's chunk rows (once) and returns those not done yet, in order."""
+    if job.total_records is None or job.chunk_size is None:
+        raise RuntimeError(f"job {job.id} has no snapshot recorded yet: plan_chunks records it")
     chunk_count = -(-job.total_records // job.chunk_size)
     conn.execute(
         sql_text("plan_chunk_rows.sql"),

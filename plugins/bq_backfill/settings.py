@@ -1,4 +1,11 @@
-"""The run's settings: the DAG's Params, validated, as the tasks use them."""
+"""The run's settings: the DAG's Params, validated, as the tasks use them; and the deployment's allowlists.
+
+Who can trigger a run must not decide where data is read from or written to: the connection ids, the source
+table and the scratch dataset a run may name are set by the deployment, in Airflow's configuration section
+`[bigquery_backfill]` (or `AIRFLOW__BIGQUERY_BACKFILL__*` environment variables), as comma-separated lists. The DAG
+offers only those (Param `enum`, so the trigger form and the REST API refuse anything else before a run exists),
+and every task checks them again.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,36 @@ from dataclasses import dataclass
 from typing import Any
 
 from bq_backfill.models import Model, get_model
+
+CONFIG_SECTION = "bigquery_backfill"
+# Param -> (configuration option, what is allowed when the option is not set)
+ALLOWLISTS = {
+    "gcp_conn_id": ("allowed_gcp_conn_ids", "google_cloud_default"),
+    "postgres_conn_id": ("allowed_postgres_conn_ids", "postgres_default"),
+    "scratch_dataset": ("allowed_scratch_datasets", "backfill_scratch"),
+    "source_table": ("allowed_source_tables", ""),  # beyond the registered models' own tables (Param left empty)
+}
+NUMERIC_ROUNDING = ("reject", "round")
+
+
+def allowed(param: str) -> list[str]:
+    """The values the deployment allows for a Param, in the order configured."""
+    from airflow.configuration import conf
+
+    option, default = ALLOWLISTS[param]
+    raw = conf.get(CONFIG_SECTION, option, fallback=default) or default  # never an empty list
+    return list(dict.fromkeys(v.strip() for v in raw.split(",") if v.strip()))
+
+
+def check_allowed(param: str, value: str | None) -> None:
+    if value is None and param == "source_table":
+        return  # the model's registered table
+    if value not in allowed(param):
+        option = ALLOWLISTS[param][0]
+        raise PermissionError(
+            f"{param} {value!r} is not allowed by this deployment: add it to [{CONFIG_SECTION}] {option} "
+            f"(AIRFLOW__{CONFIG_SECTION.upper()}__{option.upper()}) to allow it"
+        )
 
 
 @dataclass(frozen=True)
@@ -21,10 +58,12 @@ class Settings:
     scratch_dataset: str
     gcp_conn_id: str
     postgres_conn_id: str
+    allow_empty_source: bool = False
+    numeric_rounding: str = "reject"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
-        return cls(
+        settings = cls(
             tenant_id=str(params["tenant_id"]).lower(),
             model_type=params["model_type"],
             chunk_size=int(params["chunk_size"]),
@@ -34,7 +73,15 @@ class Settings:
             scratch_dataset=params["scratch_dataset"],
             gcp_conn_id=params["gcp_conn_id"],
             postgres_conn_id=params["postgres_conn_id"],
+            allow_empty_source=bool(params.get("allow_empty_source", False)),
+            numeric_rounding=params.get("numeric_rounding", "reject"),
         )
+        # Again here, not only in the Params: a run created under an older configuration must not outlive it.
+        for param in ALLOWLISTS:
+            check_allowed(param, getattr(settings, param))
+        if settings.numeric_rounding not in NUMERIC_ROUNDING:
+            raise ValueError(f"numeric_rounding must be one of {NUMERIC_ROUNDING}, not {settings.numeric_rounding!r}")
+        return settings
 
     @property
     def model(self) -> Model:

@@ -77,12 +77,15 @@ def _dumps(row: dict) -> str:
 class Landed:
     """How a chunk's rows reached the target: `copy` (empty key range: one COPY), `proven` (the range holds the
     rows as an earlier run proved it: nothing fetched or written), `unchanged` (every row already there with the
-    same values: nothing written) or `upsert` (staged, then INSERT ... ON CONFLICT)."""
+    same values: nothing written) or `upsert` (staged, then INSERT ... ON CONFLICT).
+
+    Each count is what the database reports or was seen to hold, not a difference of other counts: rows that a
+    trigger or rule swallowed show as a shortfall when the chunk's counts are reconciled with the rows read."""
 
     path: str
-    distinct: int
     inserted: int
     updated: int
+    unchanged: int
 
 
 def land_rows(
@@ -105,17 +108,19 @@ def land_rows(
     if not keys.duplicates:
         if proof and (versions := range_proofs.holds(conn, model, proof, keys, n)) is not None:
             range_proofs.record(conn, proof, n, versions)  # now this job's
-            return Landed("proven", n, 0, 0)
+            return Landed("proven", 0, 0, n)
         columns = [c for c in model.column_names if c != model.tenant_column]
         existing = target_rows.rows_in_range(conn, model, tenant_id, keys, columns, rows.schema, proof is not None)
-        if existing is not None and existing.num_rows == 0 and _copy_into_empty_range(conn, model, rows):
-            if proof:
-                range_proofs.record_copied(conn, model, proof, keys, rows)
-            return Landed("copy", n, n, 0)
+        if existing is not None and existing.num_rows == 0:
+            copied = _copy_into_empty_range(conn, model, rows)
+            if copied is not None:
+                if proof:
+                    range_proofs.record_copied(conn, model, proof, keys, rows)
+                return Landed("copy", copied, 0, 0)
         if existing is not None and _same_rows(model, rows, existing.select(columns)):
             if proof:  # versions read in the same statement as the rows they were compared on
                 range_proofs.record(conn, proof, n, range_proofs.versions_of(existing))
-            return Landed("unchanged", n, 0, 0)
+            return Landed("unchanged", 0, 0, n)
     stage_rows(conn, model, rows)
     return Landed("upsert", **upsert_staged(conn, model))
 
@@ -138,23 +143,24 @@ def _same_columns(a: pa.Table, b: pa.Table) -> bool:
     return all(a[c].equals(b[c]) for c in a.column_names)
 
 
-def _copy_into_empty_range(conn: psycopg.Connection, model: Model, rows: pa.Table) -> bool:
+def _copy_into_empty_range(conn: psycopg.Connection, model: Model, rows: pa.Table) -> int | None:
     """COPY straight into the target: what an upsert would do when no key of the chunk is there, at the cost of a
-    plain COPY. Inside a savepoint: a row written meanwhile by someone else makes the COPY fail with a unique
-    violation, which undoes only the COPY (returns False: take the upsert path)."""
+    plain COPY; returns the rows the server says it wrote. Inside a savepoint: a row written meanwhile by someone
+    else makes the COPY fail with a unique violation, which undoes only the COPY (returns None: take the upsert
+    path)."""
     try:
         with conn.transaction():
-            _copy_arrow(conn, sql.Identifier(model.target_table), rows.select(list(model.column_names)))
+            return _copy_arrow(conn, sql.Identifier(model.target_table), rows.select(list(model.column_names)))
     except psycopg.errors.UniqueViolation:
-        return False
-    return True
+        return None
 
 
 def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
     """Upserts the staged rows (already validated: every key column set) into the target.
 
     Duplicate keys in the chunk collapse to the last one by source offset (ON CONFLICT cannot touch a row twice);
-    unchanged rows are not rewritten, so a re-run leaves no dead tuples. Returns distinct/inserted/updated counts.
+    unchanged rows are not rewritten, so a re-run leaves no dead tuples. Returns inserted/updated counts (from the
+    statement's RETURNING) and unchanged: the staged rows the target then holds value for value, less those two.
     """
     target = sql.Identifier(model.target_table)
     cols = sql.SQL(", ").join(map(sql.Identifier, model.column_names))
@@ -190,7 +196,26 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
     )
     row = conn.execute(query).fetchone()
     assert row is not None
-    return {"distinct": int(row[0]), "inserted": int(row[1]), "updated": int(row[2])}
+    inserted, updated = int(row[1]), int(row[2])
+    # Checked after the statement, not derived from it: a row a trigger skipped or changed is not counted.
+    holds = sql.SQL(
+        """
+        WITH src AS (SELECT DISTINCT ON ({key}) {cols} FROM {stage} ORDER BY {key}, {off} DESC)
+        SELECT count(*) FROM src JOIN {target} AS t USING ({key})
+        WHERE ({current}) IS NOT DISTINCT FROM ({staged})
+        """
+    ).format(
+        key=key,
+        cols=cols,
+        stage=STAGE,
+        off=sql.Identifier(OFFSET_COLUMN),
+        target=target,
+        current=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in values),
+        staged=sql.SQL(", ").join(sql.SQL("src.{}").format(sql.Identifier(c)) for c in values),
+    )
+    matched = conn.execute(holds).fetchone()
+    assert matched is not None
+    return {"inserted": inserted, "updated": updated, "unchanged": int(matched[0]) - inserted - updated}
 
 
 def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id: str, keys: pa.Table) -> int:
@@ -240,7 +265,7 @@ def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id:
     return int(row[0])
 
 
-def _copy_arrow(conn: psycopg.Connection, table: sql.Identifier, rows: pa.Table) -> None:
+def _copy_arrow(conn: psycopg.Connection, table: sql.Identifier, rows: pa.Table) -> int:
     """COPY an Arrow table into a table with the same column names, as CSV rendered by Arrow (no Python rows).
 
     CSV NULL is an unquoted empty field; an empty string is written quoted, so both survive. The CSV is rendered a
@@ -252,11 +277,13 @@ def _copy_arrow(conn: psycopg.Connection, table: sql.Identifier, rows: pa.Table)
         table, sql.SQL(", ").join(map(sql.Identifier, rows.column_names))
     )
     options = pa_csv.WriteOptions(include_header=False, quoting_style="needed")
-    with conn.cursor() as cur, cur.copy(copy, writer=QueuedLibpqWriter(cur)) as pipe:
-        for batch in rows.to_batches(max_chunksize=COPY_SLICE_ROWS):
-            buffer = io.BytesIO()
-            pa_csv.write_csv(batch, buffer, options)
-            pipe.write(buffer.getbuffer())
+    with conn.cursor() as cur:
+        with cur.copy(copy, writer=QueuedLibpqWriter(cur)) as pipe:
+            for batch in rows.to_batches(max_chunksize=COPY_SLICE_ROWS):
+                buffer = io.BytesIO()
+                pa_csv.write_csv(batch, buffer, options)
+                pipe.write(buffer.getbuffer())
+        return cur.rowcount  # rows the server wrote (a row a trigger skipped is not among them)
 
 
 def _csv_ready(rows: pa.Table) -> pa.Table:

@@ -42,6 +42,8 @@ STORAGE_ENDPOINT_EXTRA = "storage_read_endpoint"
 CLIENT_RETRY_SECONDS = float(os.environ.get("BACKFILL_BIGQUERY_RETRY_SECONDS", "30"))
 FAST_RETRY = bigquery.DEFAULT_RETRY.with_timeout(CLIENT_RETRY_SECONDS)
 CALL_TIMEOUT = 60.0
+# A query job (the snapshot, counts) that runs longer is cancelled by BigQuery itself (jobTimeoutMs) and fails here.
+JOB_TIMEOUT_SECONDS = float(os.environ.get("BACKFILL_BIGQUERY_JOB_TIMEOUT_SECONDS", "1800"))
 READ_RETRY = Retry(
     predicate=if_exception_type(ServiceUnavailable, InternalServerError),
     initial=0.2,
@@ -137,31 +139,43 @@ class BigQuerySource:
         return self._scalar("SELECT CURRENT_TIMESTAMP()")
 
     def count_tenant_rows(self, model: Model, source: TableRef, tenant_id: str) -> int:
-        query = f"SELECT COUNT(*) AS n FROM {source.sql} WHERE `{model.tenant_column}` = @tenant_id"  # noqa: S608
+        query = f"SELECT COUNT(*) AS n FROM {source.sql} WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"  # noqa: S608
         return int(self._scalar(query, self._tenant_param(tenant_id)))
 
-    def ensure_snapshot(
-        self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime
-    ) -> int:
-        """Creates the numbered snapshot if it does not exist yet; returns its row count."""
+    def new_snapshot(self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime) -> int:
+        """Creates the numbered snapshot as of `as_of`, replacing a table of that name; returns its row count."""
+        self._create_snapshot(model, source, tenant_id, snapshot, as_of, replace=True)
+        log.info("snapshot %s created from %s as of %s", snapshot, source, as_of.isoformat())
+        return self._count(snapshot)
+
+    def keep_snapshot(self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime) -> int:
+        """The job's recorded snapshot: kept if it exists, made again as of the same time if not (dropped by a
+        completed run, or expired); returns its row count."""
+        try:
+            self._create_snapshot(model, source, tenant_id, snapshot, as_of, replace=False)
+            log.info("snapshot %s made again from %s as of %s", snapshot, source, as_of.isoformat())
+        except Conflict:
+            log.info("snapshot %s already exists (retried or cleared plan): reusing it", snapshot)
+        return self._count(snapshot)
+
+    def _create_snapshot(
+        self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime, *, replace: bool
+    ) -> None:
         self.client.create_dataset(bigquery.Dataset(f"{snapshot.project}.{snapshot.dataset}"), exists_ok=True)
         cols = ", ".join(f"`{c}`" for c in model.column_names)
         order = ", ".join(f"`{c}`" for c in model.order_key)
-        # Identifiers: validated TableRef and registry names. Values: @tenant_id bound; AS OF is our own timestamp.
+        # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
         query = (
-            f"CREATE TABLE {snapshot.sql} "  # noqa: S608
+            f"CREATE {'OR REPLACE ' if replace else ''}TABLE {snapshot.sql} "  # noqa: S608
             f"OPTIONS(expiration_timestamp=TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL 7 DAY)) AS "
             f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` "
             f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
-            f"WHERE `{model.tenant_column}` = @tenant_id"
+            f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
         )
-        try:
-            self._run(query, self._tenant_param(tenant_id))
-            log.info("snapshot %s created from %s as of %s", snapshot, source, as_of.isoformat())
-        except Conflict:
-            log.info("snapshot %s already exists (retried or cleared plan): reusing it", snapshot)
-        query = f"SELECT COUNT(*) AS n FROM {snapshot.sql}"  # noqa: S608
-        return int(self._scalar(query))
+        self._run(query, self._tenant_param(tenant_id))
+
+    def _count(self, table: TableRef) -> int:
+        return int(self._scalar(f"SELECT COUNT(*) AS n FROM {table.sql}"))  # noqa: S608
 
     def read_rows(self, snapshot: TableRef, start: int, end: int, columns: list[str] | None = None) -> pa.Table:
         """Rows with start <= _row_offset < end, as one Arrow table."""
@@ -194,16 +208,20 @@ class BigQuerySource:
             pass
 
     def _run(self, query: str, config: bigquery.QueryJobConfig | None = None) -> bigquery.table.RowIterator:
-        return self.client.query(query, job_config=config, retry=FAST_RETRY).result(retry=FAST_RETRY)
+        config = config or bigquery.QueryJobConfig()
+        config.job_timeout_ms = int(JOB_TIMEOUT_SECONDS * 1000)
+        job = self.client.query(query, job_config=config, retry=FAST_RETRY)
+        return job.result(retry=FAST_RETRY, timeout=JOB_TIMEOUT_SECONDS + CALL_TIMEOUT)
 
     def _scalar(self, query: str, config: bigquery.QueryJobConfig | None = None) -> Any:
         return next(iter(self._run(query, config)))[0]
 
     @staticmethod
     def _tenant_param(tenant_id: str) -> bigquery.QueryJobConfig:
-        return bigquery.QueryJobConfig(
-            query_parameters=[bigquery.ScalarQueryParameter("tenant_id", "STRING", tenant_id)]
-        )
+        # A uuid is the same tenant in either letter case (Postgres's uuid type agrees); sources store one or the
+        # other. Equality on the column itself (no LOWER()) keeps a clustered source's blocks pruned.
+        forms = list(dict.fromkeys([tenant_id.lower(), tenant_id.upper()]))
+        return bigquery.QueryJobConfig(query_parameters=[bigquery.ArrayQueryParameter("tenant_ids", "STRING", forms)])
 
 
 def make_read_client(credentials: Credentials, plaintext_endpoint: str | None) -> BigQueryReadClient:

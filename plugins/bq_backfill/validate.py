@@ -2,7 +2,9 @@
 
 A row that cannot land (a NULL key column, a number too large for its numeric(p,s) column, a NUL character
 Postgres text cannot hold) is taken out of the chunk with the reason, for the quarantine table, instead of
-failing the whole chunk. Everything here is columnar (pyarrow compute): no Python row objects for good rows.
+failing the whole chunk. A number with more decimals than its column's scale, which Postgres would round without
+a word, is rejected the same way, or rounded here (as Postgres rounds: half away from zero) and counted, as the
+run's `numeric_rounding` says. Everything here is columnar (pyarrow compute): no Python row objects for good rows.
 """
 
 from __future__ import annotations
@@ -26,17 +28,35 @@ class Rejected:
     rows: list[dict]
 
 
-def split_invalid(model: Model, rows: pa.Table, offset_column: str) -> tuple[pa.Table, Rejected]:
-    """Returns (rows that can land, rejected rows with one reason each, naming every failed check)."""
+@dataclass(frozen=True)
+class Validated:
+    good: pa.Table  # rows that can land (numbers rounded to their column's scale when the run says so)
+    rejected: Rejected
+    rounded: int  # rows of `good` with a number rounded
+
+
+def split_invalid(model: Model, rows: pa.Table, offset_column: str, numeric_rounding: str = "reject") -> Validated:
+    """Rows that can land, and rejected rows with one reason each, naming every failed check. `numeric_rounding`:
+    "reject" quarantines a number with more decimals than its column's scale, "round" rounds it and counts it."""
     problems: list[tuple[pa.Array, str]] = []
+    rounded_rows = None
     for name in model.conflict_key:
         problems.append((pc.is_null(rows[name]), f"NULL key column {name}"))
     for column in model.columns:
         values = rows[column.name]
         numeric = _NUMERIC.match(column.pg_type)
         if numeric and (pa.types.is_decimal(values.type) or pa.types.is_integer(values.type)):
-            problems.append((_out_of_range(values, int(numeric.group(1)), int(numeric.group(2))),
+            precision, scale = int(numeric.group(1)), int(numeric.group(2))
+            problems.append((_out_of_range(values, precision, scale),
                              f"{column.name} out of range for {column.pg_type}"))  # fmt: skip
+            if pa.types.is_decimal(values.type) and values.type.scale > scale:
+                rounded = pc.round(values, ndigits=scale, round_mode="half_towards_infinity")
+                changed = pc.fill_null(pc.not_equal(rounded, values), False)
+                if numeric_rounding == "round":
+                    rows = rows.set_column(rows.schema.get_field_index(column.name), column.name, rounded)
+                    rounded_rows = changed if rounded_rows is None else pc.or_(rounded_rows, changed)
+                else:
+                    problems.append((changed, f"{column.name} has more than {scale} decimal places"))
         elif column.pg_type == "text" and (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
             problems.append((pc.match_substring(values, "\x00"), f"{column.name} contains a NUL character"))
     bad = None
@@ -44,15 +64,26 @@ def split_invalid(model: Model, rows: pa.Table, offset_column: str) -> tuple[pa.
         mask = pc.fill_null(mask, False)
         bad = mask if bad is None else pc.or_(bad, mask)
     if bad is None or not pc.any(bad).as_py():
-        return rows, Rejected([], [], [])
+        return Validated(rows, Rejected([], [], []), _count(rounded_rows))
     rejected = rows.filter(bad)
     reasons = []
     masks = [(pc.fill_null(mask, False).filter(bad), reason) for mask, reason in problems]
     for i in range(rejected.num_rows):
         reasons.append("; ".join(reason for mask, reason in masks if mask[i].as_py()))
-    return rows.filter(pc.invert(bad)), Rejected(
-        offsets=rejected[offset_column].to_pylist(), reasons=reasons, rows=rejected.drop([offset_column]).to_pylist()
+    keep = pc.invert(bad)
+    return Validated(
+        rows.filter(keep),
+        Rejected(
+            offsets=rejected[offset_column].to_pylist(),
+            reasons=reasons,
+            rows=rejected.drop([offset_column]).to_pylist(),
+        ),
+        _count(None if rounded_rows is None else pc.filter(rounded_rows, keep)),
     )
+
+
+def _count(mask: pa.ChunkedArray | pa.Array | None) -> int:
+    return 0 if mask is None else int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
 
 
 def _out_of_range(values: pa.ChunkedArray, precision: int, scale: int) -> pa.ChunkedArray:

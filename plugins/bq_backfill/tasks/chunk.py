@@ -7,6 +7,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -16,7 +17,6 @@ import pyarrow as pa
 from bq_backfill import ledger, range_proofs, sink, target_rows
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import PermanentChunkError, SourceReadError
-from bq_backfill.models import Model
 from bq_backfill.settings import Settings
 from bq_backfill.source import BigQuerySource, TableRef
 from bq_backfill.validate import Rejected, split_invalid
@@ -51,7 +51,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     # and the next slices are read from BigQuery, validated and digested while this one is written to Postgres.
     step = slice_rows()
     slices = [(lo, min(lo + step, end)) for lo in range(start, end, step)]
-    counts = dict.fromkeys(("read", "inserted", "updated", "unchanged", "duplicate", "rejected"), 0)
+    counts = dict.fromkeys(("read", "inserted", "updated", "unchanged", "duplicate", "rejected", "rounded"), 0)
     paths: list[str] = []
     read_seconds = write_seconds = 0.0
     t0 = time.monotonic()
@@ -67,20 +67,23 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 log.info("%s already done: skipped without reading BigQuery", label)
                 return {"read": 0, "skipped": 1}
             job = ledger.find_job_by_id(conn, job_id)
-            read = partial(_read_slice, bq, s.gcp_conn_id, bq.table(job.snapshot_table), model, label)
+            ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)  # older data never over newer
+            assert job.snapshot_table is not None
+            read = partial(_read_slice, bq, s, bq.table(job.snapshot_table), label)
             ahead = deque(reader.submit(read, *sl) for sl in slices[:READERS])
             for n in range(len(slices)):
                 waited = time.monotonic()
-                read_count, good, bad, keys, digest = ahead.popleft().result()
+                piece = ahead.popleft().result()
                 read_seconds += time.monotonic() - waited
                 if n + READERS < len(slices):
                     ahead.append(reader.submit(read, *slices[n + READERS]))
                 written = time.monotonic()
-                rejected = sink.quarantine(conn, job_id, index, bad)
+                rejected = sink.quarantine(conn, job_id, index, piece.rejected)
+                digest = piece.digest
                 proof = range_proofs.ProofKey(s.tenant_id, s.model_type, digest, job_id) if digest else None
-                landed = sink.land_rows(conn, model, s.tenant_id, good, keys, proof)
-                _tally(counts, read_count, rejected, landed, paths)
-                del good, bad
+                landed = sink.land_rows(conn, model, s.tenant_id, piece.good, piece.keys, proof)
+                _tally(counts, piece, rejected, landed, paths)
+                del piece
                 write_seconds += time.monotonic() - written
             path = "+".join(dict.fromkeys(paths))  # e.g. "copy", or "upsert+copy" for a chunk whose slices differ
             timing = {"read_seconds": read_seconds, "write_seconds": write_seconds}
@@ -91,7 +94,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
         raise PermanentChunkError(f"{label}: Postgres refused the chunk: {exc}".strip()) from exc
     t2 = time.monotonic()
     log.info(
-        "%s: read %d · inserted %d · updated %d · unchanged %d · duplicate %d · rejected %d · "
+        "%s: read %d · inserted %d · updated %d · unchanged %d · duplicate %d · rejected %d · rounded %d · "
         "written by %s · %.0f rows/s (waited for BigQuery %.2f s, wrote %.2f s) · job %d/%d rows",
         label,
         counts["read"],
@@ -100,6 +103,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
         counts["unchanged"],
         counts["duplicate"],
         counts["rejected"],
+        counts["rounded"],
         path,
         counts["read"] / max(t2 - t0, 1e-9),
         read_seconds,
@@ -110,33 +114,54 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
-def _read_slice(
-    bq: BigQuerySource, conn_id: str, snapshot: TableRef, model: Model, label: str, lo: int, hi: int
-) -> tuple[int, Any, Rejected, target_rows.KeyRange | None, bytes | None]:
+@dataclass(frozen=True)
+class Slice:
+    """One slice of a chunk as its reader thread leaves it: validated, with its key range, digest and distinct keys."""
+
+    read: int
+    good: pa.Table
+    rejected: Rejected
+    rounded: int
+    keys: target_rows.KeyRange | None
+    digest: bytes | None
+    distinct: int  # distinct keys among the good rows, counted here (the write path counts what it wrote)
+
+
+def _read_slice(bq: BigQuerySource, s: Settings, snapshot: TableRef, label: str, lo: int, hi: int) -> Slice:
     """One slice of a chunk, read, validated, with its key range and digest: all of it done by the chunk's reader
     thread."""
+    model = s.model
     try:
         rows = bq.read_rows(snapshot, lo, hi, [*model.column_names, sink.OFFSET_COLUMN])
     except Exception as exc:
         raise SourceReadError(
-            f"{label}: BigQuery read of {snapshot} rows [{lo}, {hi}) through connection {conn_id!r} failed: {exc}"
+            f"{label}: BigQuery read of {snapshot} rows [{lo}, {hi}) through connection {s.gcp_conn_id!r} failed: {exc}"
         ) from exc
     if rows.num_rows != hi - lo:
         raise RuntimeError(
             f"{label}: snapshot {snapshot} returned {rows.num_rows} rows for [{lo}, {hi}), expected {hi - lo}"
         )
-    good, bad = split_invalid(model, rows, sink.OFFSET_COLUMN)
+    checked = split_invalid(model, rows, sink.OFFSET_COLUMN, s.numeric_rounding)
+    good = checked.good
     if not good.num_rows:
-        return rows.num_rows, good, bad, None, None
-    return rows.num_rows, good, bad, target_rows.key_range(model, good), range_proofs.digest(model, good)
+        return Slice(rows.num_rows, good, checked.rejected, checked.rounded, None, None, 0)
+    keys = target_rows.key_range(model, good)
+    distinct = good.num_rows
+    if keys.duplicates:
+        distinct = good.group_by(list(model.conflict_key[1:])).aggregate([]).num_rows
+    digest = range_proofs.digest(model, good)
+    return Slice(rows.num_rows, good, checked.rejected, checked.rounded, keys, digest, distinct)
 
 
-def _tally(counts: dict[str, int], read: int, rejected: int, landed: sink.Landed, paths: list[str]) -> None:
-    """Adds one slice's outcome to its chunk's counts (read = inserted + updated + unchanged + duplicate + rejected)."""
-    counts["read"] += read
+def _tally(counts: dict[str, int], piece: Slice, rejected: int, landed: sink.Landed, paths: list[str]) -> None:
+    """Adds one slice's outcome to its chunk's counts. Each is counted where it happens (rows read by the reader,
+    duplicate keys among the good rows by the reader, inserted / updated / unchanged by the write path, rejected by
+    the quarantine), so read = inserted + updated + unchanged + duplicate + rejected is a check finalize can fail."""
+    counts["read"] += piece.read
     counts["inserted"] += landed.inserted
     counts["updated"] += landed.updated
-    counts["unchanged"] += landed.distinct - landed.inserted - landed.updated
-    counts["duplicate"] += read - rejected - landed.distinct
+    counts["unchanged"] += landed.unchanged
+    counts["duplicate"] += piece.good.num_rows - piece.distinct
     counts["rejected"] += rejected
+    counts["rounded"] += piece.rounded
     paths.append(landed.path)

@@ -14,7 +14,19 @@ from bq_backfill.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def cleanup_stale_jobs(s: Settings, run: RunKey) -> dict[str, int]:
+def airflow_run_active(dag_id: str, run_id: str) -> bool | None:
+    """Whether Airflow says a dag run is queued or running (None: Airflow does not know that run)."""
+    from airflow.sdk import get_current_context
+
+    ti = get_current_context()["ti"]
+    if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=["queued", "running"]):
+        return True
+    return False if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id]) else None
+
+
+def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = airflow_run_active) -> dict[str, int]:
+    """Deletes the tenant+model's stale jobs and claims this run's job, in one transaction: from then on no other job
+    of the tenant+model can become active (the one-active-job index), while plan_chunks takes the snapshot."""
     # Both connections and the source are checked before anything is deleted: a broken setup fails here.
     bq = bigquery(s.gcp_conn_id)
     source = source_table(s, bq)
@@ -24,8 +36,11 @@ def cleanup_stale_jobs(s: Settings, run: RunKey) -> dict[str, int]:
         raise ConnectionError(f"BigQuery connection {s.gcp_conn_id!r}: {exc}") from exc
     with postgres(s.postgres_conn_id) as conn:
         ledger.apply_schema(conn)
-        deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type)
+        ledger.lock_tenant_model(conn, s.tenant_id, s.model_type)
+        deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type, run_active)
         blocked = ledger.ensure_active_job_index(conn)
+        job, created = ledger.claim_job(conn, run, s.tenant_id, s.model_type)
+        ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)
         verb = "would delete" if s.dry_run else "deleted"
         log.info(
             "cleanup for tenant %s model %s: %s %d stale job rows (%d pending, %d running, %d failed) "
@@ -40,6 +55,7 @@ def cleanup_stale_jobs(s: Settings, run: RunKey) -> dict[str, int]:
             deleted["progress_deleted"],
             s.model.target_table,
         )
+        log.info("job %s %s for dag run %s", job.id, "created" if created else "taken back", run.run_id)
         for row in blocked:
             log.warning(
                 "one-active-job index not created yet: tenant %s model %s still has %d pending/running jobs; "

@@ -27,8 +27,15 @@ def finalize(s: Settings, run: RunKey) -> dict[str, int]:
         if job is None:
             # fail, not skip: a skipped leaf would let Airflow call the run a success
             raise ReconciliationError(f"no job for dag run {run.run_id}: cleanup or plan failed before creating it")
+        ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)
         totals = ledger.chunk_totals(conn, job.id)
         unfinished = ledger.unfinished_chunks(conn, job.id)
+        if job.snapshot_table is None:
+            if job.status == "failed":  # plan's own failure callback said why: keep its message
+                raise ReconciliationError(f"job {job.id} failed before it was planned: {job.error_message}")
+            message = "plan_chunks did not record a snapshot (it failed or did not run)"
+            ledger.fail_job(conn, run, message)
+            raise ReconciliationError(f"job {job.id}: {message}")
         if unfinished:
             # Runs whatever happened upstream (trigger rule all_done): a chunk task killed before its own
             # failure callback ran must not leave the job `running`.
@@ -40,12 +47,8 @@ def finalize(s: Settings, run: RunKey) -> dict[str, int]:
             ledger.fail_job(conn, run, message)
     if unfinished:
         raise ReconciliationError(f"job {job.id}: {message}")
-    landed = totals["inserted"] + totals["updated"] + totals["unchanged"] + totals["duplicate"]
-    problems = []
-    if totals["read"] != job.total_records:
-        problems.append(f"rows read {totals['read']} != snapshot rows {job.total_records}")
-    if totals["read"] != landed + totals["rejected"]:
-        problems.append(f"rows read {totals['read']} != landed {landed} + rejected {totals['rejected']}")
+    assert job.total_records is not None  # recorded with the snapshot
+    problems = _count_problems(totals, job.total_records)
 
     bq = bigquery(s.gcp_conn_id)
     snapshot = bq.table(job.snapshot_table)
@@ -55,6 +58,11 @@ def finalize(s: Settings, run: RunKey) -> dict[str, int]:
         def missing_in(lo: int) -> int:
             hi = min(lo + KEY_CHECK_ROWS, job.total_records)
             keys = bq.read_rows(snapshot, lo, hi, [*model.conflict_key[1:], sink.OFFSET_COLUMN])
+            if keys.num_rows != hi - lo:
+                raise ReconciliationError(
+                    f"job {job.id}: snapshot {snapshot} gave {keys.num_rows} keys for offsets [{lo}, {hi}), "
+                    f"expected {hi - lo}: the snapshot changed since the chunks read it"
+                )
             with postgres(s.postgres_conn_id) as conn:
                 return sink.missing_keys(conn, model, s.tenant_id, job.id, keys)
 
@@ -75,8 +83,8 @@ def finalize(s: Settings, run: RunKey) -> dict[str, int]:
         dropped = range_proofs.keep_only(conn, s.tenant_id, s.model_type, job.id)
     bq.drop_snapshot(snapshot)
     log.info(
-        "job %s completed: %d rows read = %d inserted + %d updated + %d unchanged + %d duplicate + %d rejected; "
-        "every source key is in %s; %d range proofs of earlier runs dropped",
+        "job %s completed: %d rows read = %d inserted + %d updated + %d unchanged + %d duplicate + %d rejected "
+        "(%d with a number rounded); every source key is in %s; %d range proofs of earlier runs dropped",
         job.id,
         totals["read"],
         totals["inserted"],
@@ -84,7 +92,26 @@ def finalize(s: Settings, run: RunKey) -> dict[str, int]:
         totals["unchanged"],
         totals["duplicate"],
         totals["rejected"],
+        totals["rounded"],
         model.target_table,
         dropped,
     )
     return totals
+
+
+def _count_problems(totals: dict[str, int], snapshot_rows: int) -> list[str]:
+    """What does not add up in the chunks' counts. Each count was taken where it happened (see chunk._tally), so
+    any of these can fail: rows a trigger swallowed, a chunk that read the wrong rows, a quarantine row lost."""
+    problems = []
+    if totals["read"] != snapshot_rows:
+        problems.append(f"rows read {totals['read']} != snapshot rows {snapshot_rows}")
+    accounted = sum(totals[k] for k in ("inserted", "updated", "unchanged", "duplicate", "rejected"))
+    if totals["read"] != accounted:
+        problems.append(
+            f"rows read {totals['read']} != inserted {totals['inserted']} + updated {totals['updated']} + unchanged "
+            f"{totals['unchanged']} + duplicate {totals['duplicate']} + rejected {totals['rejected']} = {accounted} "
+            "(a trigger or rule on the target skipped or changed rows?)"
+        )
+    if totals["quarantined"] != totals["rejected"]:
+        problems.append(f"rows rejected {totals['rejected']} != rows in backfill_quarantine {totals['quarantined']}")
+    return problems

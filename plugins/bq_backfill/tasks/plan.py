@@ -8,9 +8,10 @@ from typing import Any
 
 from bq_backfill import ledger
 from bq_backfill.connections import bigquery, postgres, source_table
+from bq_backfill.errors import EmptySourceError
 from bq_backfill.ledger import RunKey
 from bq_backfill.settings import Settings
-from bq_backfill.source import TableRef, snapshot_name
+from bq_backfill.source import BigQuerySource, TableRef, snapshot_name
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,49 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
         return []
 
     with postgres(s.postgres_conn_id) as conn:
-        existing = ledger.find_run_job(conn, run)
-    if existing:  # a retried or cleared plan keeps the first plan's snapshot, chunking and offsets
-        snapshot, as_of, chunk_size = bq.table(existing.snapshot_table), existing.snapshot_at, existing.chunk_size
-        if chunk_size != s.chunk_size:
-            log.info("run already planned with chunk_size %d: keeping it", chunk_size)
-    else:
-        name = snapshot_name(model, s.tenant_id, run.dag_id, run.run_id)
-        snapshot, as_of, chunk_size = TableRef(bq.project, s.scratch_dataset, name), bq.now(), s.chunk_size
+        job = ledger.find_run_job(conn, run)
+        if job is None:
+            raise LookupError(
+                f"dag run {run.run_id} has no job: a later run's cleanup deleted it, or cleanup_stale_jobs did not "
+                "run; trigger a new run (or clear this run from cleanup_stale_jobs)"
+            )
+        ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)  # also when plan alone is cleared
+    if job.snapshot_table is None:
+        job = _take_snapshot(s, run, bq, source, job, max_map_length)
+    else:  # a retried or cleared plan keeps the first plan's snapshot, chunking and offsets
+        assert job.snapshot_at is not None and job.chunk_size is not None
+        if job.chunk_size != s.chunk_size:
+            log.info("run already planned with chunk_size %d: keeping it", job.chunk_size)
+        snapshot = bq.table(job.snapshot_table)
+        total = bq.keep_snapshot(s.model, source, s.tenant_id, snapshot, job.snapshot_at)
+        if total != job.total_records:
+            raise RuntimeError(f"snapshot {snapshot} now has {total} rows but job {job.id} planned {job.total_records}")
+    assert job.total_records is not None and job.chunk_size is not None
 
+    with postgres(s.postgres_conn_id) as conn:
+        todo = ledger.plan_chunks(conn, job)
+    chunks = -(-job.total_records // job.chunk_size)
+    log.info(
+        "job %s: %d rows in %d chunks of %d; %d chunks to do, %d already done",
+        job.id,
+        job.total_records,
+        chunks,
+        job.chunk_size,
+        len(todo),
+        chunks - len(todo),
+    )
+    return [{"job_id": job.id, "chunks": chunks, **c} for c in todo]
+
+
+def _take_snapshot(
+    s: Settings, run: RunKey, bq: BigQuerySource, source: TableRef, job: ledger.Job, max_map_length: int
+) -> ledger.Job:
+    """A new snapshot as of now, recorded on the job; dropped again if the plan cannot go on with it."""
+    snapshot = TableRef(bq.project, s.scratch_dataset, snapshot_name(s.model, s.tenant_id, run.dag_id, run.run_id))
+    as_of = bq.now()
     started = time.monotonic()
-    total = bq.ensure_snapshot(model, source, s.tenant_id, snapshot, as_of)
+    # Replaces a table of that name left by an earlier attempt: its as-of time was never recorded, so it is not used.
+    total = bq.new_snapshot(s.model, source, s.tenant_id, snapshot, as_of)
     log.info(
         "snapshot %s: %d rows of tenant %s as of %s (%.1f s)",
         snapshot,
@@ -55,35 +88,27 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
         as_of,
         time.monotonic() - started,
     )
-    _check_chunk_count(total, chunk_size, max_map_length)
-
-    with postgres(s.postgres_conn_id) as conn:
-        job, created = ledger.claim_job(
-            conn,
-            run,
-            tenant_id=s.tenant_id,
-            model_type=s.model_type,
-            total_records=total,
-            chunk_size=chunk_size,
-            source_table=str(source),
-            snapshot_table=str(snapshot),
-            snapshot_at=as_of,
-        )
-        if job.total_records != total:
-            raise RuntimeError(f"snapshot {snapshot} now has {total} rows but job {job.id} planned {job.total_records}")
-        todo = ledger.plan_chunks(conn, job)
-    chunks = -(-total // chunk_size)
-    log.info(
-        "job %s %s: %d rows in %d chunks of %d; %d chunks to do, %d already done",
-        job.id,
-        "created" if created else "resumed",
-        total,
-        chunks,
-        chunk_size,
-        len(todo),
-        chunks - len(todo),
-    )
-    return [{"job_id": job.id, "chunks": chunks, **c} for c in todo]
+    try:
+        if total == 0 and not s.allow_empty_source:
+            raise EmptySourceError(
+                f"{source} holds no row of tenant {s.tenant_id} as of {as_of:%Y-%m-%d %H:%M:%S%z} "
+                f"(tenant_id matched as {s.tenant_id!r} or {s.tenant_id.upper()!r}): check tenant_id and "
+                "source_table; to complete a run with no rows on purpose, trigger with allow_empty_source=true"
+            )
+        _check_chunk_count(total, s.chunk_size, max_map_length)
+        with postgres(s.postgres_conn_id) as conn:
+            return ledger.record_plan(
+                conn,
+                job,
+                total_records=total,
+                chunk_size=s.chunk_size,
+                source_table=str(source),
+                snapshot_table=str(snapshot),
+                snapshot_at=as_of,
+            )
+    except BaseException:
+        bq.drop_snapshot(snapshot)  # no job refers to it: nothing else would ever drop it
+        raise
 
 
 def _check_chunk_count(total: int, chunk_size: int, max_map_length: int) -> None:
