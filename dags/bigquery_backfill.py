@@ -161,7 +161,12 @@ def bigquery_backfill():
     def finalize() -> dict[str, int]:
         from bq_backfill.tasks.finalize import finalize as run
 
-        return run(_settings(), _run())
+        ctx = get_current_context()
+        states = ctx["ti"].get_task_states(
+            dag_id=ctx["dag"].dag_id, run_ids=[ctx["run_id"]], task_ids=["cleanup_stale_jobs", "plan_chunks"]
+        )
+        not_done = sorted(f"{t} {st}" for t, st in states.get(ctx["run_id"], {}).items() if st != "success")
+        return run(_settings(), _run(), not_done)
 
     planned = plan_chunks()
     cleanup_stale_jobs() >> planned

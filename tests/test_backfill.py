@@ -126,3 +126,15 @@ def test_dry_run_writes_nothing(pg, bq, backfill_dag):
     assert table_state(pg, "inventory_movements") == rows_before
     assert pg.execute("SELECT count(*) FROM backfill_chunks").fetchone() == (0,)
     assert scratch_tables(bq) == []  # no snapshot either
+
+
+def test_a_dry_run_that_cannot_finish_fails(pg, bq, backfill_dag):
+    _stuck_state(pg, bq)
+    ledger_before = table_state(pg, "bigquery_backfill_jobs")
+
+    dr = backfill_dag.test(run_conf=conf(dry_run=True, gcp_conn_id="no_such_gcp"))
+
+    assert dr.state == "failed"  # not a success that reports nothing
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    assert states["cleanup_stale_jobs"] == "failed" and states["finalize"] == "failed"
+    assert table_state(pg, "bigquery_backfill_jobs") == ledger_before

@@ -7,10 +7,12 @@ import logging
 import psycopg
 import pytest
 from helpers import table_state
+from psycopg import sql
 
 from bq_backfill import ledger
 from bq_backfill.ledger import RunKey
-from devtools.seed import OTHER_TENANT, SEED_TENANT, insert_target, inventory_rows, legacy_jobs
+from bq_backfill.tasks.cleanup import cleanup_stale_jobs
+from devtools.seed import OTHER_TENANT, SEED_TENANT, create_source, insert_target, inventory_rows, legacy_jobs
 
 RUN = RunKey("bigquery_backfill", "manual__test")
 
@@ -39,6 +41,43 @@ def test_schema_applies_twice_without_change(pg):
     first = pg.execute(CATALOG).fetchall()
     ledger.apply_schema(pg)
     assert pg.execute(CATALOG).fetchall() == first
+
+
+def test_the_catalog_check_lists_exactly_what_schema_sql_creates(pg):
+    assert {(m["kind"], m["name"]) for m in ledger.missing_schema(pg, "inventory_movements")} >= {
+        ("table", "inventory_movements"),
+        ("column", "id"),
+        ("index", "bigquery_backfill_jobs_dag_run"),
+    }
+    ledger.apply_schema(pg)
+    assert ledger.missing_schema(pg, "inventory_movements") == []
+    # every ledger column and index schema.sql makes is one the check looks for: dropping any is noticed
+    ledger_tables = ["bigquery_backfill_jobs", "backfill_source_progress", "backfill_chunks", "backfill_quarantine",
+                     "backfill_range_proofs"]  # fmt: skip
+    columns = pg.execute(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public' "
+        "AND table_name = ANY(%s)",
+        (ledger_tables,),
+    ).fetchall()
+    indexes = pg.execute(
+        "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public' AND tablename = ANY(%s)",
+        (ledger_tables,),
+    ).fetchall()
+    for kind, objects in (("column", columns), ("index", indexes)):
+        for table, name in objects:
+            with pg.transaction():
+                if kind == "column":
+                    pg.execute(
+                        sql.SQL("ALTER TABLE {} DROP COLUMN {} CASCADE").format(*map(sql.Identifier, (table, name)))
+                    )
+                else:
+                    pg.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {} CASCADE").format(
+                        *map(sql.Identifier, (table, name))))  # fmt: skip
+                    pg.execute(sql.SQL("DROP INDEX IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+                assert (kind, table, name) in {
+                    (m["kind"], m["table_name"], m["name"]) for m in ledger.missing_schema(pg, "inventory_movements")
+                }
+                raise psycopg.Rollback()
 
 
 def test_schema_upgrades_legacy_tables_and_keeps_their_rows(pg):
@@ -126,12 +165,37 @@ def test_one_active_job_index_refuses_a_second_pending_job(pg):
         legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=1)
 
 
-def test_blocked_index_is_a_warning_not_a_failure(pg, caplog):
+def test_blocked_index_is_a_warning_not_a_failure(pg, bq, caplog):
+    create_source(bq, inventory_rows(SEED_TENANT, 10))  # cleanup checks the source first
     _populated(pg)
-    from bq_backfill.settings import Settings
-    from bq_backfill.tasks.cleanup import cleanup_stale_jobs
+    with caplog.at_level(logging.INFO):
+        cleanup_stale_jobs(_settings(), RUN, run_active=unknown_to_airflow)
+    assert f"tenant {OTHER_TENANT} model inventory still has 2 pending/running jobs" in caplog.text
+    assert "deleted 209 stale job rows (206 pending, 1 running, 2 failed) and 209 progress rows" in caplog.text
 
-    settings = Settings.from_params(
+
+def test_cleanup_claims_the_runs_job_before_the_snapshot_is_taken(pg, bq):
+    create_source(bq, inventory_rows(SEED_TENANT, 10))
+    ledger.apply_schema(pg)
+    legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=206, failed=2)
+
+    cleanup_stale_jobs(_settings(), RUN, run_active=unknown_to_airflow)
+
+    [job] = pg.execute(
+        "SELECT status, dag_run_id, snapshot_table, total_records FROM bigquery_backfill_jobs "
+        "WHERE tenant_id = %s AND model_type = 'inventory' AND status <> 'completed'",
+        (SEED_TENANT,),
+    ).fetchall()
+    assert job == ("running", RUN.run_id, None, None)  # claimed; plan_chunks records the snapshot
+    # while plan_chunks runs the snapshot query, no other writer can start a job for the tenant+model
+    with pytest.raises(psycopg.errors.UniqueViolation, match="bigquery_backfill_jobs_one_active"):
+        legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=1)
+
+
+def _settings():
+    from bq_backfill.settings import Settings
+
+    return Settings.from_params(
         {
             "tenant_id": SEED_TENANT,
             "model_type": "inventory",
@@ -143,7 +207,3 @@ def test_blocked_index_is_a_warning_not_a_failure(pg, caplog):
             "postgres_conn_id": "postgres_default",
         }
     )
-    with caplog.at_level(logging.INFO):
-        cleanup_stale_jobs(settings, RUN, run_active=unknown_to_airflow)
-    assert f"tenant {OTHER_TENANT} model inventory still has 2 pending/running jobs" in caplog.text
-    assert "deleted 209 stale job rows (206 pending, 1 running, 2 failed) and 209 progress rows" in caplog.text

@@ -61,6 +61,21 @@ def apply_schema(conn: psycopg.Connection) -> None:
     conn.execute(sql_text("schema.sql"))
 
 
+def missing_schema(conn: psycopg.Connection, target_table: str) -> list[dict[str, Any]]:
+    """The ledger columns and indexes, and the target table, that the catalog does not have."""
+    return _all(conn, "schema_missing.sql", {"target_table": target_table})
+
+
+def ensure_schema(conn: psycopg.Connection, target_table: str) -> list[dict[str, Any]]:
+    """Applies schema.sql only when something a run needs is missing: DDL takes locks that wait for every open
+    transaction on the table (other runs' chunks), so a run whose tables are in place runs none. Returns what was
+    missing."""
+    missing = missing_schema(conn, target_table)
+    if missing:
+        apply_schema(conn)
+    return missing
+
+
 class ActiveRunError(RuntimeError):
     """Another dag run is actively working on the same tenant+model."""
 

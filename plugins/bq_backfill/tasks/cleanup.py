@@ -35,7 +35,10 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
     except Exception as exc:
         raise ConnectionError(f"BigQuery connection {s.gcp_conn_id!r}: {exc}") from exc
     with postgres(s.postgres_conn_id) as conn:
-        ledger.apply_schema(conn)
+        missing = ledger.ensure_schema(conn, s.model.target_table)
+        if missing:
+            names = ", ".join(f"{m['kind']} {m['table_name']}.{m['name']}" for m in missing[:10])
+            log.info("created or upgraded the backfill tables: %d objects were missing (%s)", len(missing), names)
         ledger.lock_tenant_model(conn, s.tenant_id, s.model_type)
         deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type, run_active)
         blocked = ledger.ensure_active_job_index(conn)

@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 KEY_CHECK_ROWS = 100_000
 
 
-def finalize(s: Settings, run: RunKey) -> dict[str, int]:
+def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = None) -> dict[str, int]:
+    """`upstream_not_done`: cleanup and plan tasks that did not succeed (e.g. "plan_chunks upstream_failed")."""
     if s.dry_run:
+        if upstream_not_done:  # a leaf that succeeds would make the run a success
+            raise ReconciliationError(f"dry run did not finish: {', '.join(upstream_not_done)}")
         log.info("dry run: nothing was written, nothing to finalize")
         return {}
     model = s.model
