@@ -1,0 +1,93 @@
+"""Each of finalize's checks can fail: rows a trigger swallows (COPY and upsert paths), a snapshot that gives fewer
+keys than its chunks read, and a quarantine row that went missing."""
+
+from __future__ import annotations
+
+from airflow_run import clear_with_downstream, drive
+from helpers import conf, jobs
+from test_resume import poison_trigger
+
+from bq_backfill import ledger
+from devtools.seed import SEED_TENANT, create_source, insert_target, inventory_rows
+
+
+def _swallow(pg, product_code: str) -> None:
+    """A trigger that silently drops one row on insert (returns NULL): the statement succeeds without it."""
+    pg.execute(
+        "CREATE FUNCTION swallow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.product_code = TG_ARGV[0] THEN RETURN NULL; END IF; RETURN NEW; END $$"
+    )
+    pg.execute(
+        "CREATE TRIGGER swallow BEFORE INSERT ON inventory_movements FOR EACH ROW "
+        f"EXECUTE FUNCTION swallow('{product_code}')"
+    )
+
+
+def test_a_row_a_trigger_swallows_in_a_copy_fails_the_count_check(pg, bq, backfill_dag):
+    create_source(bq, inventory_rows(SEED_TENANT, 600))
+    ledger.apply_schema(pg)
+    _swallow(pg, "P0000300")
+
+    dr = backfill_dag.test(run_conf=conf())
+
+    assert dr.state == "failed"
+    [job] = jobs(pg)
+    assert job["status"] == "failed"
+    assert (
+        "rows read 600 != inserted 599 + updated 0 + unchanged 0 + duplicate 0 + rejected 0 = 599"
+        in (job["error_message"])
+    )
+
+
+def test_a_row_a_trigger_swallows_in_an_upsert_fails_the_count_check(pg, bq, backfill_dag):
+    rows = inventory_rows(SEED_TENANT, 600)
+    create_source(bq, rows)
+    ledger.apply_schema(pg)
+    insert_target(pg, rows[250:260])  # chunk 1's range holds rows already: its slice takes the upsert path
+    _swallow(pg, "P0000300")
+
+    dr = backfill_dag.test(run_conf=conf())
+
+    assert dr.state == "failed"
+    [job] = jobs(pg)
+    assert (
+        "rows read 600 != inserted 589 + updated 0 + unchanged 10 + duplicate 0 + rejected 0 = 599"
+        in (job["error_message"])
+    )
+
+
+def _failed_then(pg, bq, backfill_dag, damage) -> str:
+    """A run stopped at chunk 3, damaged by `damage(job_id)`, then resumed: finalize's message."""
+    rows = inventory_rows(SEED_TENANT, 1_200)
+    create_source(bq, [*rows, dict(rows[0], product_code=None)])  # one row to quarantine
+    ledger.apply_schema(pg)
+    poison_trigger(pg)
+    dr = backfill_dag.test(run_conf=conf(max_rejected_rows=1))
+    assert dr.state == "failed"
+    [job] = jobs(pg)
+    damage(job["id"])
+    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+
+    clear_with_downstream(backfill_dag, dr.run_id, [("load_chunk", 3)])
+    dr = drive(backfill_dag, dr.run_id)
+
+    assert dr.state == "failed"
+    [job] = jobs(pg)
+    assert job["status"] == "failed"
+    return job["error_message"]
+
+
+def test_a_snapshot_that_gives_fewer_keys_than_were_read_fails_the_key_check(pg, bq, backfill_dag):
+    def shrink_snapshot(job_id: str) -> None:
+        snapshot = pg.execute("SELECT snapshot_table FROM bigquery_backfill_jobs WHERE id = %s", (job_id,)).fetchone()
+        bq.query(f"DELETE FROM `{snapshot[0]}` WHERE _row_offset < 10").result()  # noqa: S608 - our own name
+
+    message = _failed_then(pg, bq, backfill_dag, shrink_snapshot)
+
+    assert "gave 1191 keys for offsets [0, 1201), expected 1201" in message
+
+
+def test_a_quarantine_row_gone_missing_fails_the_count_check(pg, bq, backfill_dag):
+    message = _failed_then(pg, bq, backfill_dag, lambda job_id: pg.execute("DELETE FROM backfill_quarantine"))
+
+    assert "rows rejected 1 != rows in backfill_quarantine 0" in message
