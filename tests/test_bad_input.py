@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from airflow.sdk.definitions.param import ParamValidationError
 from helpers import chunks, conf, jobs, scratch_tables, table_state
@@ -30,6 +32,13 @@ INJECTION = "x'; DROP TABLE inventory_movements; --"
         ({"scratch_dataset": INJECTION}, "scratch_dataset"),
         ({"gcp_conn_id": INJECTION}, "gcp_conn_id"),
         ({"postgres_conn_id": INJECTION}, "postgres_conn_id"),
+        ({"numeric_rounding": "truncate"}, "numeric_rounding"),
+        # well-formed names the deployment did not allow ([bigquery_backfill] allowed_*)
+        ({"gcp_conn_id": "other_gcp"}, "gcp_conn_id"),
+        ({"postgres_conn_id": "other_pg"}, "postgres_conn_id"),
+        ({"source_table": "analytics.elsewhere"}, "source_table"),
+        ({"source_table": "other-project.analytics.nope"}, "source_table"),
+        ({"scratch_dataset": "other_scratch"}, "scratch_dataset"),
     ],
 )
 def test_bad_conf_is_refused_before_any_task_runs(pg, backfill_dag, overrides, names):
@@ -43,6 +52,27 @@ def test_bad_conf_is_refused_before_any_task_runs(pg, backfill_dag, overrides, n
     assert table_state(pg, "bigquery_backfill_jobs") == before  # nothing deleted, nothing written
 
 
+def test_the_allowlists_come_from_the_deployments_configuration(airflow_db, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+    from helpers import ROOT
+
+    from bq_backfill.settings import Settings
+
+    monkeypatch.setenv("AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_GCP_CONN_IDS", "gcp_eu, gcp_us")
+    monkeypatch.setenv("AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_SOURCE_TABLES", "analytics.inventory_v2")
+    dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill")
+
+    gcp = dag.params.get_param("gcp_conn_id")
+    assert (gcp.value, gcp.schema["enum"]) == ("gcp_eu", ["gcp_eu", "gcp_us"])  # the default is not allowed here
+    assert dag.params.get_param("source_table").schema["enum"] == [None, "analytics.inventory_v2"]
+    # a run made under an earlier configuration is refused by its tasks, naming the setting to change
+    params = {**dag.params.dump(), **conf(gcp_conn_id="google_cloud_default")}
+    with pytest.raises(
+        PermissionError, match=r"gcp_conn_id 'google_cloud_default' is not allowed.*allowed_gcp_conn_ids"
+    ):
+        Settings.from_params(params)
+
+
 def test_missing_tenant_is_refused(pg, backfill_dag):
     with pytest.raises(ParamValidationError, match="tenant_id"):
         backfill_dag.test(run_conf={"model_type": "inventory"})
@@ -50,7 +80,8 @@ def test_missing_tenant_is_refused(pg, backfill_dag):
 
 def test_duplicate_and_null_keys_and_a_short_last_chunk(pg, bq, backfill_dag):
     rows = inventory_rows(SEED_TENANT, 1_010)
-    dup = dict(rows[500], quantity=rows[500]["quantity"] + 5)  # same key, newer value, next to the original
+    # the same key again, changed 5 s later: later in the order key (which ends with updated_at), so it wins
+    dup = dict(rows[500], quantity=rows[500]["quantity"] + 5, updated_at=rows[500]["updated_at"] + timedelta(seconds=5))
     null_keys = [dict(rows[10], branch_id=None), dict(rows[11], product_code=None, movement_date=None)]
     for r in null_keys:
         r["product_code"] = r["product_code"] and r["product_code"] + "-x"
@@ -73,9 +104,9 @@ def test_duplicate_and_null_keys_and_a_short_last_chunk(pg, bq, backfill_dag):
     ]
     landed = target_rows(pg, SEED_TENANT)
     assert len(landed) == 1_010
-    # the duplicate key: one row, and the same one every run (the later row in the snapshot's order wins)
+    # the duplicate key: one row, the one later in the model's order key
     [dup_row] = [r for r in landed if r[3] == dup["product_code"]]
-    assert dup_row[4] in (rows[500]["quantity"], dup["quantity"])
+    assert (dup_row[4], dup_row[7]) == (dup["quantity"], dup["updated_at"])
 
 
 def test_rejected_rows_over_the_limit_fail_the_run_after_landing_the_good_ones(pg, bq, backfill_dag):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from bq_backfill.models import get_model
-from bq_backfill.target_rows import key_range, strictly_ascending
+from bq_backfill.target_rows import KeyRange, key_range, strictly_ascending
 
 MODEL = get_model("inventory")
 D1, D2 = date(2024, 1, 1), date(2024, 1, 2)
@@ -67,8 +67,10 @@ def test_a_later_column_only_decides_between_equal_earlier_ones():
     assert not strictly_ascending(rows, ["branch_id", "movement_date"])
 
 
-def test_one_row_and_nulls():
-    one = _keys((D1, "B1", "p1"))
-    assert key_range(MODEL, one) == key_range(MODEL, one.slice(0, 1))
-    assert key_range(MODEL, one).first == key_range(MODEL, one).last == [D1, "B1", "p1"]
+def test_one_row_is_its_own_first_and_last_key():
+    assert key_range(MODEL, _keys((D1, "B1", "p1"))) == KeyRange([D1, "B1", "p1"], [D1, "B1", "p1"], False)
+
+
+def test_a_null_is_never_ascending():
     assert not strictly_ascending(_keys((D1, "B1", None), (D1, "B1", "p1")), ["product_code"])
+    assert not strictly_ascending(_keys((D1, "B1", "p1"), (D1, "B1", None)), ["product_code"])
