@@ -4,9 +4,10 @@
 Trigger with conf, e.g. `{"tenant_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "model_type": "inventory"}`.
 
 1. **cleanup_stale_jobs** deletes this tenant+model's stale rows in `bigquery_backfill_jobs` and
-   `backfill_source_progress` (pending/running/failed jobs of other runs). Synced target rows stay.
-2. **plan_chunks** freezes a numbered snapshot of the tenant's source rows, creates (or takes back) this run's
-   single job row, and lists the offset chunks still to do.
+   `backfill_source_progress` (pending/running/failed jobs of runs that are over), then claims this run's single
+   job row. Synced target rows stay.
+2. **plan_chunks** freezes a numbered snapshot of the tenant's source rows, records it on the job, and lists the
+   offset chunks still to do.
 3. **load_chunk** (one mapped task per chunk) reads its rows from the snapshot and upserts them on the model's key;
    the chunk's progress commits in the same transaction.
 4. **finalize** reconciles counts and keys, then marks the job completed.

@@ -94,3 +94,23 @@ def test_a_copy_behind_another_sessions_uncommitted_key_times_out_and_is_retried
     assert target_rows(pg, SEED_TENANT) == as_tuples(rows)
     [job] = jobs(pg)
     assert job["status"] == "completed" and job["processed_records"] == 600
+
+
+def test_every_transaction_sets_its_timeouts_and_keepalives(pg_server, monkeypatch):
+    from bq_backfill.connections import postgres
+
+    monkeypatch.setenv("BACKFILL_PG_STATEMENT_TIMEOUT_SECONDS", "42")
+    with postgres("postgres_default") as conn:
+        shown = {
+            name: conn.execute(f"SHOW {name}").fetchone()[0]
+            for name in ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
+                         "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
+        }  # fmt: skip
+    assert shown == {
+        "statement_timeout": "42s",
+        "lock_timeout": "2min",
+        "idle_in_transaction_session_timeout": "10min",
+        "tcp_keepalives_idle": "30",
+        "tcp_keepalives_interval": "10",
+        "tcp_keepalives_count": "3",
+    }
