@@ -79,13 +79,23 @@ def airflow_db():
 
 
 @pytest.fixture
-def pg(pg_server):
+def pg_bare(pg_server):
     """A connection to an empty test database (every table of the previous test dropped)."""
     import psycopg
 
     with psycopg.connect(pg_server, autocommit=True) as conn:
         conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         yield conn
+
+
+@pytest.fixture
+def pg(pg_bare):
+    """The test database with the backfill's tables, as the setup step leaves them on a database that still holds
+    legacy duplicates (schema.sql applied; the one-active-job index over every writer is not there yet)."""
+    from bq_backfill import ledger
+
+    ledger.apply_schema(pg_bare)
+    return pg_bare
 
 
 @pytest.fixture

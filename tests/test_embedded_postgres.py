@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from helpers import conf, jobs
 
+from bq_backfill import ledger
 from devtools import services
 from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
 
@@ -20,6 +21,8 @@ def embedded_pg(monkeypatch):
     with services.postgres_server() as admin:
         assert "host=/" in admin  # a socket directory of its own, not the server at 127.0.0.1:5432
         dsn = services.recreate_database(admin, "backfill_target")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ledger.apply_schema(conn)  # the deployment's setup step
         monkeypatch.setenv("AIRFLOW_CONN_EMBEDDED_TARGET", services.airflow_conn_uri(dsn))
         yield dsn
 

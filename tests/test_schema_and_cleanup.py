@@ -11,10 +11,13 @@ from psycopg import sql
 
 from bq_backfill import ledger
 from bq_backfill.ledger import RunKey
+from bq_backfill.models import get_model
+from bq_backfill.setup import setup_database
 from bq_backfill.tasks.cleanup import cleanup_stale_jobs
 from devtools.seed import OTHER_TENANT, SEED_TENANT, create_source, insert_target, inventory_rows, legacy_jobs
 
 RUN = RunKey("bigquery_backfill", "manual__test")
+MODEL = get_model("inventory")
 
 
 def unknown_to_airflow(dag_id: str, run_id: str) -> None:
@@ -43,14 +46,15 @@ def test_schema_applies_twice_without_change(pg):
     assert pg.execute(CATALOG).fetchall() == first
 
 
-def test_the_catalog_check_lists_exactly_what_schema_sql_creates(pg):
-    assert {(m["kind"], m["name"]) for m in ledger.missing_schema(pg, "inventory_movements")} >= {
-        ("table", "inventory_movements"),
-        ("column", "id"),
-        ("index", "bigquery_backfill_jobs_dag_run"),
-    }
+def test_the_catalog_check_lists_exactly_what_schema_sql_creates(pg_bare):
+    pg = pg_bare
+    assert {
+        "table inventory_movements",
+        "column bigquery_backfill_jobs.id",
+        "index bigquery_backfill_jobs.bigquery_backfill_jobs_dag_run",
+    } <= set(ledger.missing_schema(pg, MODEL))
     ledger.apply_schema(pg)
-    assert ledger.missing_schema(pg, "inventory_movements") == []
+    assert ledger.missing_schema(pg, MODEL) == []
     # every ledger column and index schema.sql makes is one the check looks for: dropping any is noticed
     ledger_tables = ["bigquery_backfill_jobs", "backfill_source_progress", "backfill_chunks", "backfill_quarantine",
                      "backfill_range_proofs"]  # fmt: skip
@@ -67,20 +71,42 @@ def test_the_catalog_check_lists_exactly_what_schema_sql_creates(pg):
         for table, name in objects:
             with pg.transaction():
                 if kind == "column":
-                    pg.execute(
-                        sql.SQL("ALTER TABLE {} DROP COLUMN {} CASCADE").format(*map(sql.Identifier, (table, name)))
-                    )
+                    drop = sql.SQL("ALTER TABLE {} DROP COLUMN {} CASCADE")
+                    pg.execute(drop.format(*map(sql.Identifier, (table, name))))
                 else:
                     pg.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {} CASCADE").format(
                         *map(sql.Identifier, (table, name))))  # fmt: skip
                     pg.execute(sql.SQL("DROP INDEX IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-                assert (kind, table, name) in {
-                    (m["kind"], m["table_name"], m["name"]) for m in ledger.missing_schema(pg, "inventory_movements")
-                }
+                assert f"{kind} {table}.{name}" in ledger.missing_schema(pg, MODEL)
                 raise psycopg.Rollback()
 
 
-def test_schema_upgrades_legacy_tables_and_keeps_their_rows(pg):
+def test_the_target_table_is_checked_against_its_model(pg):
+    pg.execute("ALTER TABLE inventory_movements DROP COLUMN unit_cost")
+    pg.execute("ALTER TABLE inventory_movements DROP CONSTRAINT inventory_movements_key")
+    pg.execute("CREATE UNIQUE INDEX wrong_key ON inventory_movements (tenant_id, movement_date, branch_id)")
+
+    assert ledger.missing_schema(pg, MODEL) == [
+        "column inventory_movements.unit_cost",
+        "unique index on inventory_movements (tenant_id, movement_date, branch_id, product_code)",
+    ]
+
+
+def test_a_run_on_tables_not_set_up_fails_naming_what_is_missing_and_the_setup(pg_bare, bq, backfill_dag, caplog):
+    create_source(bq, inventory_rows(SEED_TENANT, 10))
+    pg_bare.execute("CREATE TABLE bigquery_backfill_jobs (id uuid PRIMARY KEY, tenant_id uuid, model_type text)")
+
+    dr = backfill_dag.test(run_conf={"tenant_id": SEED_TENANT})
+
+    assert dr.state == "failed"
+    assert "the backfill tables are not set up: missing column bigquery_backfill_jobs.status" in caplog.text
+    assert "trigger the DAG bigquery_backfill_setup" in caplog.text
+    tables = pg_bare.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+    assert [t for (t,) in tables] == ["bigquery_backfill_jobs"]  # a run created nothing, changed nothing
+
+
+def test_schema_upgrades_legacy_tables_and_keeps_their_rows(pg_bare):
+    pg = pg_bare
     pg.execute(
         """
         CREATE TABLE bigquery_backfill_jobs (
@@ -165,18 +191,22 @@ def test_one_active_job_index_refuses_a_second_pending_job(pg):
         legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=1)
 
 
-def test_blocked_index_is_a_warning_not_a_failure(pg, bq, caplog):
+def test_setup_with_legacy_duplicates_warns_and_a_run_says_the_index_is_missing(pg, bq, caplog):
     create_source(bq, inventory_rows(SEED_TENANT, 10))  # cleanup checks the source first
     _populated(pg)
+
     with caplog.at_level(logging.INFO):
+        done = setup_database(pg, None, False)
         cleanup_stale_jobs(_settings(), RUN, run_active=unknown_to_airflow)
-    assert f"tenant {OTHER_TENANT} model inventory still has 2 pending/running jobs" in caplog.text
+
+    assert done["blocked_pairs"] == 3
+    assert f"tenant {OTHER_TENANT} model inventory has 2 pending/running jobs (legacy duplicates)" in caplog.text
     assert "deleted 209 stale job rows (206 pending, 1 running, 2 failed) and 209 progress rows" in caplog.text
+    assert "bigquery_backfill_jobs_one_active) is not in place" in caplog.text
 
 
 def test_cleanup_claims_the_runs_job_before_the_snapshot_is_taken(pg, bq):
     create_source(bq, inventory_rows(SEED_TENANT, 10))
-    ledger.apply_schema(pg)
     legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=206, failed=2)
 
     cleanup_stale_jobs(_settings(), RUN, run_active=unknown_to_airflow)
@@ -187,7 +217,11 @@ def test_cleanup_claims_the_runs_job_before_the_snapshot_is_taken(pg, bq):
         (SEED_TENANT,),
     ).fetchall()
     assert job == ("running", RUN.run_id, None, None)  # claimed; plan_chunks records the snapshot
-    # while plan_chunks runs the snapshot query, no other writer can start a job for the tenant+model
+    # while plan_chunks runs the snapshot query, no other run can claim a job for the tenant+model ...
+    with pytest.raises(RuntimeError, match="another pending/running backfill job exists"):
+        ledger.claim_job(pg, RunKey("bigquery_backfill", "manual__other"), SEED_TENANT, "inventory")
+    # ... and, once the setup has made the index over every writer, no legacy writer either
+    setup_database(pg, None, False)
     with pytest.raises(psycopg.errors.UniqueViolation, match="bigquery_backfill_jobs_one_active"):
         legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=1)
 

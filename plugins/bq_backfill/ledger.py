@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from bq_backfill.models import Model
 from bq_backfill.sqlfiles import sql_text
 
 log = logging.getLogger(__name__)
@@ -61,19 +62,41 @@ def apply_schema(conn: psycopg.Connection) -> None:
     conn.execute(sql_text("schema.sql"))
 
 
-def missing_schema(conn: psycopg.Connection, target_table: str) -> list[dict[str, Any]]:
-    """The ledger columns and indexes, and the target table, that the catalog does not have."""
-    return _all(conn, "schema_missing.sql", {"target_table": target_table})
-
-
-def ensure_schema(conn: psycopg.Connection, target_table: str) -> list[dict[str, Any]]:
-    """Applies schema.sql only when something a run needs is missing: DDL takes locks that wait for every open
-    transaction on the table (other runs' chunks), so a run whose tables are in place runs none. Returns what was
-    missing."""
-    missing = missing_schema(conn, target_table)
-    if missing:
-        apply_schema(conn)
+def missing_schema(conn: psycopg.Connection, model: Model) -> list[str]:
+    """What a run needs that the catalog does not have: ledger columns and indexes, the model's target table, its
+    columns and a unique index on exactly its conflict key. Empty when the setup step has run."""
+    missing = [f"{m['kind']} {m['table_name']}.{m['name']}" for m in _all(conn, "schema_missing.sql", {})]
+    shape = _all(conn, "target_shape.sql", {"target_table": model.target_table})
+    columns = {r["name"] for r in shape if r["kind"] == "column"}
+    if not columns:
+        return [*missing, f"table {model.target_table}"]
+    missing += [f"column {model.target_table}.{c}" for c in model.column_names if c not in columns]
+    if sorted(model.conflict_key) not in [r["key_columns"] for r in shape if r["kind"] == "unique"]:
+        missing.append(f"unique index on {model.target_table} ({', '.join(model.conflict_key)})")
     return missing
+
+
+class SchemaNotReadyError(RuntimeError):
+    """The tables a run needs are missing or out of date: the setup step has not run (since an upgrade)."""
+
+
+SETUP_HINT = (
+    "run the setup once, as a role that may change the schema: trigger the DAG bigquery_backfill_setup "
+    "(or `airflow dags test bigquery_backfill_setup`), then trigger this run again"
+)
+
+
+def check_schema(conn: psycopg.Connection, model: Model) -> None:
+    """Fails naming what is missing; a run changes no DDL (it would need the privilege, and its locks would wait for
+    every open transaction on the table)."""
+    missing = missing_schema(conn, model)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise SchemaNotReadyError(f"the backfill tables are not set up: missing {shown}; {SETUP_HINT}")
+
+
+def active_job_index_exists(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT to_regclass('bigquery_backfill_jobs_one_active') IS NOT NULL").fetchone()[0]
 
 
 class ActiveRunError(RuntimeError):

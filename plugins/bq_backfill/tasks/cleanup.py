@@ -35,13 +35,9 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
     except Exception as exc:
         raise ConnectionError(f"BigQuery connection {s.gcp_conn_id!r}: {exc}") from exc
     with postgres(s.postgres_conn_id) as conn:
-        missing = ledger.ensure_schema(conn, s.model.target_table)
-        if missing:
-            names = ", ".join(f"{m['kind']} {m['table_name']}.{m['name']}" for m in missing[:10])
-            log.info("created or upgraded the backfill tables: %d objects were missing (%s)", len(missing), names)
+        ledger.check_schema(conn, s.model)
         ledger.lock_tenant_model(conn, s.tenant_id, s.model_type)
         deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type, run_active)
-        blocked = ledger.ensure_active_job_index(conn)
         job, created = ledger.claim_job(conn, run, s.tenant_id, s.model_type)
         ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)
         verb = "would delete" if s.dry_run else "deleted"
@@ -59,13 +55,12 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
             s.model.target_table,
         )
         log.info("job %s %s for dag run %s", job.id, "created" if created else "taken back", run.run_id)
-        for row in blocked:
+        if not ledger.active_job_index_exists(conn):
             log.warning(
-                "one-active-job index not created yet: tenant %s model %s still has %d pending/running jobs; "
-                "a backfill run for that tenant+model cleans them up",
-                row["tenant_id"],
-                row["model_type"],
-                row["active_jobs"],
+                "the one-active-job index over every writer (bigquery_backfill_jobs_one_active) is not in place: "
+                "legacy duplicates blocked it when the setup ran; run bigquery_backfill_setup again once they are "
+                "cleaned up (each run's cleanup removes its own tenant+model's). This DAG's own jobs are protected "
+                "by bigquery_backfill_jobs_one_active_run meanwhile"
             )
         if s.dry_run:
             log.info("dry run: cleanup rolled back, nothing deleted")

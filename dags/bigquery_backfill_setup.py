@@ -1,0 +1,60 @@
+"""
+### Setup of the backfill's Postgres tables
+
+Run once per deployment and after each upgrade, through a connection whose role may change the schema (the tables'
+owner). Creates or upgrades `bigquery_backfill_jobs`, `backfill_source_progress`, `backfill_chunks`,
+`backfill_quarantine`, `backfill_range_proofs` and the registered models' target tables (never drops anything),
+creates the one-active-job index when no legacy duplicates block it, and, given `writer_role`, grants that role
+exactly what a `bigquery_backfill` run needs. Runs of `bigquery_backfill` change no DDL: they fail naming anything
+missing and this DAG.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from bq_backfill.settings import allowed
+
+_ROLE = r"^[a-z_][a-z0-9_]{0,62}$"
+_CONNS = allowed("postgres_conn_id")
+
+
+@dag(
+    dag_id="bigquery_backfill_setup",
+    schedule=None,
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["backfill", "postgres", "setup"],
+    params={
+        "postgres_conn_id": Param(
+            "postgres_default" if "postgres_default" in _CONNS else _CONNS[0],
+            type="string",
+            enum=_CONNS,
+            description="Connection whose role owns (or may create) the tables.",
+        ),
+        "writer_role": Param(
+            None,
+            type=["null", "string"],
+            pattern=_ROLE,
+            description="Role the backfill runs connect as: granted exactly what a run needs. Empty: no grants.",
+        ),
+        "grant_delete": Param(
+            False, type="boolean", description="Also grant DELETE on the target tables (for delete_missing runs)."
+        ),
+    },
+)
+def bigquery_backfill_setup():
+    @task
+    def setup_database() -> dict:
+        from bq_backfill.connections import postgres
+        from bq_backfill.setup import setup_database as run
+
+        params = get_current_context()["params"]
+        with postgres(params["postgres_conn_id"]) as conn:
+            return run(conn, params["writer_role"], bool(params["grant_delete"]))
+
+    setup_database()
+
+
+bigquery_backfill_setup()
