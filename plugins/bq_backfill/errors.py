@@ -40,3 +40,7 @@ class ReconciliationError(Exception):
 
 class EmptySourceError(ValueError):
     """The snapshot holds no row of the tenant (a mistyped tenant, or the wrong source table)."""
+
+
+class UpstreamNotDoneError(ReconciliationError):
+    """finalize found cleanup or plan not done: that task's own failure is the one to record."""

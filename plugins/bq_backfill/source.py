@@ -202,10 +202,7 @@ class BigQuerySource:
         return pa.Table.from_batches(batches, schema=schema)
 
     def drop_snapshot(self, snapshot: TableRef) -> None:
-        try:
-            self.client.delete_table(str(snapshot), not_found_ok=True)
-        except NotFound:
-            pass
+        self.client.delete_table(str(snapshot), not_found_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
 
     def _run(self, query: str, config: bigquery.QueryJobConfig | None = None) -> bigquery.table.RowIterator:
         config = config or bigquery.QueryJobConfig()

@@ -6,6 +6,7 @@ import logging
 
 from bq_backfill import ledger
 from bq_backfill.connections import postgres
+from bq_backfill.errors import UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
 from bq_backfill.settings import Settings
 
@@ -16,6 +17,9 @@ def mark_job_failed(
     s: Settings, run: RunKey, task_label: str, error: BaseException | None, chunk_index: int = -1
 ) -> None:
     message = f"{task_label} failed: {error}" if error else f"{task_label} failed"
+    if isinstance(error, UpstreamNotDoneError):
+        log.error("%s; the job keeps the error of the task that failed first", message)
+        return
     try:
         with postgres(s.postgres_conn_id) as conn:
             ledger.fail_job(conn, run, message, chunk_index)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bq_backfill import ledger, range_proofs, sink
 from bq_backfill.connections import bigquery, postgres
-from bq_backfill.errors import ReconciliationError
+from bq_backfill.errors import ReconciliationError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
 from bq_backfill.settings import Settings
 
@@ -19,9 +19,13 @@ KEY_CHECK_ROWS = 100_000
 
 def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = None) -> dict[str, int]:
     """`upstream_not_done`: cleanup and plan tasks that did not succeed (e.g. "plan_chunks upstream_failed")."""
+    if upstream_not_done:
+        # A leaf that succeeds would make the run a success; and the failing task's own callback has recorded its
+        # error on the job, which a summary of older chunk failures must not replace.
+        raise UpstreamNotDoneError(
+            f"{'dry run' if s.dry_run else 'run'} did not finish: {', '.join(upstream_not_done)}"
+        )
     if s.dry_run:
-        if upstream_not_done:  # a leaf that succeeds would make the run a success
-            raise ReconciliationError(f"dry run did not finish: {', '.join(upstream_not_done)}")
         log.info("dry run: nothing was written, nothing to finalize")
         return {}
     model = s.model
@@ -84,7 +88,15 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         ledger.complete_job(conn, job.id)
         # the ranges as this run left them; earlier runs' proofs describe states since replaced
         dropped = range_proofs.keep_only(conn, s.tenant_id, s.model_type, job.id)
-    bq.drop_snapshot(snapshot)
+    try:
+        bq.drop_snapshot(snapshot)
+    except Exception as exc:  # the backfill is complete; the scratch table expires by itself (7 days)
+        log.warning(
+            "job %s completed, but its snapshot %s was not dropped (it expires within 7 days): %s",
+            job.id,
+            snapshot,
+            exc,
+        )
     log.info(
         "job %s completed: %d rows read = %d inserted + %d updated + %d unchanged + %d duplicate + %d rejected "
         "(%d with a number rounded); every source key is in %s; %d range proofs of earlier runs dropped",
