@@ -168,9 +168,10 @@ def chunk_rss(chunk_size: int) -> float:
     reset_target(os.environ["BENCH_DSN"])
     with psycopg.connect(os.environ["BENCH_DSN"]) as conn:
         job, _ = ledger.claim_job(conn, ledger.RunKey("bench", f"rss-{chunk_size}"), SEED_TENANT, "inventory")
+        target_snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
         job = ledger.record_plan(
             conn, job, total_records=total, chunk_size=chunk_size, source_table=model.source_table,
-            snapshot_table=str(snap), snapshot_at=as_of,
+            snapshot_table=str(snap), snapshot_at=as_of, target_snapshot=target_snapshot,
         )  # fmt: skip
         ledger.plan_chunks(conn, job)
         conn.commit()

@@ -110,6 +110,17 @@ def _chunk_index(context) -> int:
             enum=list(NUMERIC_ROUNDING),
             description="A number with more decimals than its target column: reject (quarantine) or round it.",
         ),
+        "delete_missing": Param(
+            False,
+            type="boolean",
+            description="Delete the tenant's target rows whose key is no longer in the source (counted always).",
+        ),
+        "max_deleted_rows": Param(
+            0,
+            type="integer",
+            minimum=0,
+            description="With delete_missing: refuse (delete nothing) if more rows than this would go.",
+        ),
         "source_table": Param(
             None,
             type=["null", "string"],

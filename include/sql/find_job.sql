@@ -1,4 +1,4 @@
 SELECT id, tenant_id, model_type, status, total_records, processed_records, chunk_size, source_table,
-       snapshot_table, snapshot_at
+       snapshot_table, snapshot_at, target_snapshot
 FROM bigquery_backfill_jobs
 WHERE id = %(job_id)s;

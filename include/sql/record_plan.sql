@@ -5,6 +5,7 @@ SET total_records = %(total_records)s,
     source_table = %(source_table)s,
     snapshot_table = %(snapshot_table)s,
     snapshot_at = %(snapshot_at)s,
+    target_snapshot = %(target_snapshot)s,
     updated_at = now()
 WHERE id = %(job_id)s AND snapshot_table IS NULL
-RETURNING id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at;
+RETURNING id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at, target_snapshot;

@@ -39,7 +39,14 @@ ALTER TABLE bigquery_backfill_jobs
     ADD COLUMN IF NOT EXISTS completed_at      timestamptz,
     ADD COLUMN IF NOT EXISTS error_message     text,
     -- rows with a number rounded to its column's scale (numeric_rounding = 'round')
-    ADD COLUMN IF NOT EXISTS rounded_records   bigint NOT NULL DEFAULT 0;
+    ADD COLUMN IF NOT EXISTS rounded_records   bigint NOT NULL DEFAULT 0,
+    -- Postgres's snapshot (pg_current_snapshot) when the plan fixed BigQuery's as-of time: rows written later are
+    -- never counted as missing from the source nor deleted
+    ADD COLUMN IF NOT EXISTS target_snapshot   text,
+    -- the tenant's target rows whose key is not in the snapshot (deleted from the source since), and how many of
+    -- them the run deleted (delete_missing)
+    ADD COLUMN IF NOT EXISTS missing_from_source bigint,
+    ADD COLUMN IF NOT EXISTS deleted_records   bigint NOT NULL DEFAULT 0;
 -- A job belongs to exactly one dag run: re-running the run's tasks reuses it.
 CREATE UNIQUE INDEX IF NOT EXISTS bigquery_backfill_jobs_dag_run
     ON bigquery_backfill_jobs (dag_id, dag_run_id);

@@ -44,6 +44,7 @@ class Job:
     snapshot_table: str | None
     snapshot_at: datetime | None
     error_message: str | None = None
+    target_snapshot: str | None = None  # Postgres's pg_current_snapshot() as the plan fixed the as-of time
 
 
 def _one(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -184,6 +185,7 @@ def record_plan(
     source_table: str,
     snapshot_table: str,
     snapshot_at: datetime,
+    target_snapshot: str,
 ) -> Job:
     """Records the snapshot the job reads; once per job."""
     row = _one(
@@ -196,6 +198,7 @@ def record_plan(
             "source_table": source_table,
             "snapshot_table": snapshot_table,
             "snapshot_at": snapshot_at,
+            "target_snapshot": target_snapshot,
         },
     )
     if row is None:
@@ -237,6 +240,7 @@ def _job(row: dict[str, Any]) -> Job:
         snapshot_table=row["snapshot_table"],
         snapshot_at=row["snapshot_at"],
         error_message=row.get("error_message"),
+        target_snapshot=row.get("target_snapshot"),
     )
 
 
@@ -282,8 +286,18 @@ def unfinished_chunks(conn: psycopg.Connection, job_id: str) -> list[dict[str, A
     return _all(conn, "unfinished_chunks.sql", {"job_id": job_id})
 
 
-def complete_job(conn: psycopg.Connection, job_id: str) -> None:
-    conn.execute(sql_text("complete_job.sql"), {"job_id": job_id})
+def complete_job(conn: psycopg.Connection, job_id: str, missing_from_source: int | None, deleted: int) -> None:
+    conn.execute(
+        sql_text("complete_job.sql"),
+        {"job_id": job_id, "missing_from_source": missing_from_source, "deleted_records": deleted},
+    )
+
+
+def record_missing(conn: psycopg.Connection, job_id: str, missing_from_source: int) -> None:
+    conn.execute(
+        "UPDATE bigquery_backfill_jobs SET missing_from_source = %s, updated_at = now() WHERE id = %s",
+        [missing_from_source, job_id],
+    )
 
 
 def fail_job(conn: psycopg.Connection, run: RunKey, error_message: str, chunk_index: int = -1) -> None:

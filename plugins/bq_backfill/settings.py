@@ -60,6 +60,8 @@ class Settings:
     postgres_conn_id: str
     allow_empty_source: bool = False
     numeric_rounding: str = "reject"
+    delete_missing: bool = False
+    max_deleted_rows: int = 0
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -75,6 +77,8 @@ class Settings:
             postgres_conn_id=params["postgres_conn_id"],
             allow_empty_source=bool(params.get("allow_empty_source", False)),
             numeric_rounding=params.get("numeric_rounding", "reject"),
+            delete_missing=bool(params.get("delete_missing", False)),
+            max_deleted_rows=int(params.get("max_deleted_rows", 0)),
         )
         # Again here, not only in the Params: a run created under an older configuration must not outlive it.
         for param in ALLOWLISTS:

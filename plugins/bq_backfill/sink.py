@@ -48,7 +48,7 @@ def _temp_table_from_arrow(
             table, typed, sql.Identifier(OFFSET_COLUMN)
         )
     )
-    _copy_arrow(conn, table, rows.select([*columns, OFFSET_COLUMN]))
+    copy_arrow(conn, table, rows.select([*columns, OFFSET_COLUMN]))
 
 
 def quarantine(conn: psycopg.Connection, job_id: str, chunk_index: int, rejected: Rejected) -> int:
@@ -150,7 +150,7 @@ def _copy_into_empty_range(conn: psycopg.Connection, model: Model, rows: pa.Tabl
     path)."""
     try:
         with conn.transaction():
-            return _copy_arrow(conn, sql.Identifier(model.target_table), rows.select(list(model.column_names)))
+            return copy_arrow(conn, sql.Identifier(model.target_table), rows.select(list(model.column_names)))
     except psycopg.errors.UniqueViolation:
         return None
 
@@ -265,7 +265,7 @@ def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id:
     return int(row[0])
 
 
-def _copy_arrow(conn: psycopg.Connection, table: sql.Identifier, rows: pa.Table) -> int:
+def copy_arrow(conn: psycopg.Connection, table: sql.Identifier, rows: pa.Table) -> int:
     """COPY an Arrow table into a table with the same column names, as CSV rendered by Arrow (no Python rows).
 
     CSV NULL is an unquoted empty field; an empty string is written quoted, so both survive. The CSV is rendered a

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from bq_backfill import ledger, range_proofs, sink
+import psycopg
+
+from bq_backfill import deletions, ledger, range_proofs, sink
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import ReconciliationError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
 from bq_backfill.settings import Settings
+from bq_backfill.source import BigQuerySource, TableRef
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,8 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
     if not problems:
         # Every key of the snapshot must be in the target: checked 100,000 offsets at a time (bounded memory),
         # two ranges at once (read-only, each on its own connection: both cores busy).
-        def missing_in(lo: int) -> int:
+        def missing_in(lo: int) -> tuple[int, int | None, dict | None, dict | None]:
+            """Keys of [lo, hi) absent from the target; and the range's distinct keys, first and last key."""
             hi = min(lo + KEY_CHECK_ROWS, job.total_records)
             keys = bq.read_rows(snapshot, lo, hi, [*model.conflict_key[1:], sink.OFFSET_COLUMN])
             if keys.num_rows != hi - lo:
@@ -70,11 +75,17 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
                     f"job {job.id}: snapshot {snapshot} gave {keys.num_rows} keys for offsets [{lo}, {hi}), "
                     f"expected {hi - lo}: the snapshot changed since the chunks read it"
                 )
+            ordered = keys.sort_by(sink.OFFSET_COLUMN)  # offsets follow the order key; streams need not
+            ends = ordered.select(list(model.conflict_key[1:]))
+            first, last = ends.slice(0, 1).to_pylist()[0], ends.slice(len(ends) - 1).to_pylist()[0]
+            distinct = deletions.distinct_sorted_keys(model, ordered)
             with postgres(s.postgres_conn_id) as conn:
-                return sink.missing_keys(conn, model, s.tenant_id, job.id, keys)
+                return sink.missing_keys(conn, model, s.tenant_id, job.id, keys), distinct, first, last
 
         with ThreadPoolExecutor(2, thread_name_prefix="key-check") as pool:
-            missing = sum(pool.map(missing_in, range(0, job.total_records, KEY_CHECK_ROWS)))
+            ranges = list(pool.map(missing_in, range(0, job.total_records, KEY_CHECK_ROWS)))
+        missing = sum(r[0] for r in ranges)
+        snapshot_keys = _distinct_keys(ranges)
         if missing:
             problems.append(f"{missing} source keys of the snapshot have no row in {model.target_table}")
     if problems:
@@ -85,7 +96,9 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
             f"see backfill_quarantine WHERE job_id = '{job.id}'"
         )
     with postgres(s.postgres_conn_id) as conn:
-        ledger.complete_job(conn, job.id)
+        # Deletions in the source: counted always, deleted on request, in the transaction that completes the job.
+        gone, deleted = _missing_from_source(s, conn, bq, job, snapshot, totals["rejected"], snapshot_keys)
+        ledger.complete_job(conn, job.id, gone, deleted)
         # the ranges as this run left them; earlier runs' proofs describe states since replaced
         dropped = range_proofs.keep_only(conn, s.tenant_id, s.model_type, job.id)
     try:
@@ -99,7 +112,8 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         )
     log.info(
         "job %s completed: %d rows read = %d inserted + %d updated + %d unchanged + %d duplicate + %d rejected "
-        "(%d with a number rounded); every source key is in %s; %d range proofs of earlier runs dropped",
+        "(%d with a number rounded); every source key is in %s; %s target rows of the tenant not in the source "
+        "(%d deleted); %d range proofs of earlier runs dropped",
         job.id,
         totals["read"],
         totals["inserted"],
@@ -109,6 +123,8 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         totals["rejected"],
         totals["rounded"],
         model.target_table,
+        "unknown" if gone is None else gone,
+        deleted,
         dropped,
     )
     return totals
@@ -130,3 +146,56 @@ def _count_problems(totals: dict[str, int], snapshot_rows: int) -> list[str]:
     if totals["quarantined"] != totals["rejected"]:
         problems.append(f"rows rejected {totals['rejected']} != rows in backfill_quarantine {totals['quarantined']}")
     return problems
+
+
+def _distinct_keys(ranges: list[tuple[int, int | None, dict | None, dict | None]]) -> int | None:
+    """Distinct keys of the whole snapshot from its ranges' counts: a key that ends one range and starts the next is
+    one key. None if a range could not count them."""
+    if any(r[1] is None for r in ranges):
+        return None
+    boundaries = sum(1 for a, b in itertools.pairwise(ranges) if a[3] is not None and a[3] == b[2])
+    return sum(r[1] for r in ranges) - boundaries  # type: ignore[misc]
+
+
+def _missing_from_source(
+    s: Settings,
+    conn: psycopg.Connection,
+    bq: BigQuerySource,
+    job: ledger.Job,
+    snapshot: TableRef,
+    rejected: int,
+    snapshot_keys: int | None,
+) -> tuple[int | None, int]:
+    """(the tenant's target rows written before the plan whose key is not in the snapshot, rows deleted).
+
+    Every key of the snapshot is in the target (checked just before), so when nothing was quarantined and the
+    tenant has exactly as many target rows as the snapshot has distinct keys, none is missing from the source: one
+    count. Otherwise the snapshot's keys are loaded into a temp table and Postgres counts (and deletes) exactly."""
+    model = s.model
+    assert job.total_records is not None
+    if job.target_snapshot is None:  # planned before this was recorded
+        log.warning("job %s: no plan-time Postgres snapshot recorded; rows missing from the source not counted", job.id)
+        return None, 0
+    if rejected == 0 and snapshot_keys is not None and deletions.tenant_rows(conn, model, s.tenant_id) == snapshot_keys:
+        return 0, 0
+    deletions.load_snapshot_keys(conn, model, bq, snapshot, job.total_records, KEY_CHECK_ROWS)
+    gone, later = deletions.count_missing(conn, model, s.tenant_id, job.target_snapshot)
+    log.info(
+        "%d target rows of tenant %s have a key that is not in the source (deleted there since an earlier sync)%s",
+        gone,
+        s.tenant_id,
+        f"; {later} more were written after the plan by someone else and are left alone" if later else "",
+    )
+    if not gone or not s.delete_missing:
+        return gone, 0
+    if gone > s.max_deleted_rows:
+        with postgres(s.postgres_conn_id) as own:  # recorded although this transaction rolls back
+            ledger.record_missing(own, job.id, gone)
+        raise ReconciliationError(
+            f"job {job.id}: {gone} target rows are missing from the source, over max_deleted_rows="
+            f"{s.max_deleted_rows}: nothing deleted, job not completed; check them (tenant {s.tenant_id}, keys not in "
+            f"{job.snapshot_table}) and trigger again with max_deleted_rows >= {gone} to delete them"
+        )
+    deleted = deletions.delete_missing(conn, model, s.tenant_id, job.target_snapshot)
+    log.info("deleted %d target rows of tenant %s whose key is no longer in the source", deleted, s.tenant_id)
+    return gone, deleted

@@ -76,6 +76,8 @@ def _take_snapshot(
 ) -> ledger.Job:
     """A new snapshot as of now, recorded on the job; dropped again if the plan cannot go on with it."""
     snapshot = TableRef(bq.project, s.scratch_dataset, snapshot_name(s.model, s.tenant_id, run.dag_id, run.run_id))
+    with postgres(s.postgres_conn_id) as conn:  # taken first: a row written after it is after the as-of time too
+        target_snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
     as_of = bq.now()
     started = time.monotonic()
     # Replaces a table of that name left by an earlier attempt: its as-of time was never recorded, so it is not used.
@@ -105,6 +107,7 @@ def _take_snapshot(
                 source_table=str(source),
                 snapshot_table=str(snapshot),
                 snapshot_at=as_of,
+                target_snapshot=target_snapshot,
             )
     except BaseException:
         bq.drop_snapshot(snapshot)  # no job refers to it: nothing else would ever drop it
