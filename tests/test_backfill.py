@@ -7,6 +7,7 @@ from decimal import Decimal
 from helpers import chunks, conf, jobs, scratch_tables, table_state
 
 from bq_backfill import ledger
+from bq_backfill.setup import setup_database
 from devtools.seed import (
     OTHER_TENANT,
     SEED_TENANT,
@@ -86,8 +87,12 @@ def test_one_run_replaces_207_jobs_with_one_and_syncs_every_row(pg, bq, backfill
         == other_progress_before
     )
     assert table_state(pg, "inventory_movements", "tenant_id = %s", (OTHER_TENANT,)) == other_rows_before
-    # the one-active-job index now guards the table
-    assert pg.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'bigquery_backfill_jobs_one_active'").fetchone()
+    # the run changed no DDL; with the duplicates gone, the setup run again makes the one-active-job index
+    assert pg.execute("SELECT to_regclass('bigquery_backfill_jobs_one_active')").fetchone() == (None,)
+    assert setup_database(pg, None, False)["blocked_pairs"] == 0
+    assert pg.execute("SELECT to_regclass('bigquery_backfill_jobs_one_active')::text").fetchone() == (
+        "bigquery_backfill_jobs_one_active",
+    )
 
 
 def test_second_run_changes_no_row(pg, bq, backfill_dag):
