@@ -16,7 +16,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from bq_backfill.settings import allowed
 
 _ROLE = r"^[a-z_][a-z0-9_]{0,62}$"
-_CONNS = allowed("postgres_conn_id")
+_CONNS = allowed("setup_postgres_conn_id")  # [bigquery_backfill] allowed_setup_postgres_conn_ids
 
 
 @dag(

@@ -75,6 +75,15 @@ def test_init_creates_the_connections_and_pool_the_dag_uses(backfill_dag):
     assert gcp["conn_type"] == "google_cloud_platform"
     assert gcp["extra"][source.REST_ENDPOINT_EXTRA] == "http://bqemulator:9050"
     assert gcp["extra"][source.STORAGE_ENDPOINT_EXTRA] == "bqemulator:9060"
-    pg_uri = re.search(r"--conn-uri '(.+?)'", script).group(1)
-    assert pg_uri.endswith("@postgres:5432/backfill")
-    assert "CREATE DATABASE backfill;" in (ROOT / "docker" / "postgres-init.sql").read_text()
+    writer_uri, admin_uri = re.findall(r"--conn-uri '(.+?)'", script)
+    assert writer_uri.startswith("postgresql://backfill_writer:") and writer_uri.endswith("@postgres:5432/backfill")
+    assert admin_uri.startswith("postgresql://airflow:") and admin_uri.endswith("@postgres:5432/backfill")
+    init_sql = (ROOT / "docker" / "postgres-init.sql").read_text()
+    assert "CREATE DATABASE backfill;" in init_sql and "CREATE ROLE backfill_writer LOGIN" in init_sql
+    # the setup step runs as the owner, granting the writer role; runs may name the writer's connection only
+    assert "connections add postgres_admin " in script
+    setup = re.search(r"airflow dags test bigquery_backfill_setup \\\s+-c '(.+?)'", script)
+    assert json.loads(setup.group(1)) == {"postgres_conn_id": "postgres_admin", "writer_role": "backfill_writer"}
+    env = COMPOSE["x-airflow-common"]["environment"]
+    assert env["AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_POSTGRES_CONN_IDS"] == "postgres_default"
+    assert env["AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_SETUP_POSTGRES_CONN_IDS"] == "postgres_admin"

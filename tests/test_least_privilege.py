@@ -88,3 +88,34 @@ def test_the_writer_role_cannot_change_the_schema_nor_read_what_it_was_not_grant
 def test_the_setup_itself_refuses_to_run_as_the_writer_role(pg, writer):
     with psycopg.connect(writer) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         setup_database(conn, None, False)
+
+
+def test_the_setup_dag_grants_the_writer_role(pg_bare, airflow_db, pg_server, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+    from helpers import ROOT
+
+    role = sql.Identifier(ROLE)
+    if pg_bare.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [ROLE]).fetchone() is None:
+        pg_bare.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
+    setup = DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill_setup")
+    assert setup.params.get_param("postgres_conn_id").schema["enum"] == ["postgres_default"]
+
+    dr = setup.test(run_conf={"writer_role": ROLE, "grant_delete": True})
+
+    assert dr.state == "success"
+    granted = pg_bare.execute(
+        "SELECT table_name, string_agg(privilege_type, ',' ORDER BY privilege_type) "
+        "FROM information_schema.role_table_grants WHERE grantee = %s GROUP BY 1 ORDER BY 1",
+        [ROLE],
+    ).fetchall()
+    ledger = "DELETE,INSERT,SELECT,UPDATE"
+    assert granted == [
+        ("backfill_chunks", ledger),
+        ("backfill_quarantine", ledger),
+        ("backfill_range_proofs", ledger),
+        ("backfill_source_progress", ledger),
+        ("bigquery_backfill_jobs", ledger),
+        ("inventory_movements", "DELETE,INSERT,SELECT,UPDATE"),  # DELETE: grant_delete, for delete_missing runs
+    ]
+    pg_bare.execute(sql.SQL("DROP OWNED BY {}").format(role))
+    pg_bare.execute(sql.SQL("DROP ROLE {}").format(role))

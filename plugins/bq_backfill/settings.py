@@ -22,6 +22,8 @@ ALLOWLISTS = {
     "scratch_dataset": ("allowed_scratch_datasets", "backfill_scratch"),
     "source_table": ("allowed_source_tables", ""),  # beyond the registered models' own tables (Param left empty)
 }
+# The setup DAG's connection: a role that may change the schema, which backfill runs must not be able to name.
+SETUP_CONN_OPTION = ("allowed_setup_postgres_conn_ids", "postgres_default")
 NUMERIC_ROUNDING = ("reject", "round")
 
 
@@ -29,7 +31,7 @@ def allowed(param: str) -> list[str]:
     """The values the deployment allows for a Param, in the order configured."""
     from airflow.configuration import conf
 
-    option, default = ALLOWLISTS[param]
+    option, default = SETUP_CONN_OPTION if param == "setup_postgres_conn_id" else ALLOWLISTS[param]
     raw = conf.get(CONFIG_SECTION, option, fallback=default) or default  # never an empty list
     return list(dict.fromkeys(v.strip() for v in raw.split(",") if v.strip()))
 
