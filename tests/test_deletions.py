@@ -102,3 +102,15 @@ def test_rows_written_after_the_plan_by_someone_else_are_never_deleted(pg, bq, b
     assert _job_counts(pg) == ("completed", 4, 4)  # the four deleted in the source; not the two written meanwhile
     landed = {r[3] for r in target_rows(pg, SEED_TENANT)}
     assert landed == {r["product_code"] for r in remaining} | set(late)
+
+
+def test_a_dry_run_reports_the_rows_missing_from_the_source_and_writes_nothing(pg, bq, backfill_dag, caplog):
+    _synced_then_deleted_in_source(pg, bq, backfill_dag)
+    ledger_before = table_state(pg, "bigquery_backfill_jobs")
+    target_before = table_state(pg, "inventory_movements")
+
+    assert backfill_dag.test(run_conf=conf(dry_run=True, delete_missing=True, max_deleted_rows=10)).state == "success"
+
+    assert "dry run: 4 target rows of tenant aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee in inventory_movements" in caplog.text
+    assert table_state(pg, "bigquery_backfill_jobs") == ledger_before
+    assert table_state(pg, "inventory_movements") == target_before

@@ -9,6 +9,8 @@ nor deleted. Another tenant's rows are never looked at.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,19 +48,27 @@ def load_snapshot_keys(
 ) -> None:
     """Every key of the snapshot (NULL-keyed rows left out) in a temp table, read a range at a time."""
     key_cols = list(model.conflict_key[1:])
+    load_keys(
+        conn, model, (bq.read_rows(snapshot, lo, min(lo + step, total), key_cols) for lo in range(0, total, step))
+    )
+
+
+def load_keys(conn: psycopg.Connection, model: Model, batches: Iterable[pa.Table | pa.RecordBatch]) -> None:
+    """Keys (the key columns after the tenant; NULL-keyed ones left out) in a temp table for this transaction."""
+    key_cols = list(model.conflict_key[1:])
     typed = sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns if c.name in key_cols
     )
     conn.execute(sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(KEYS, typed))
-    for lo in range(0, total, step):
-        keys = bq.read_rows(snapshot, lo, min(lo + step, total), key_cols)
+    for batch in batches:
+        keys = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
         valid = None
         for c in key_cols:
             ok = pc.is_valid(keys[c])
             valid = ok if valid is None else pc.and_(valid, ok)
         if valid is not None:
             keys = keys.filter(valid)
-        sink.copy_arrow(conn, KEYS, keys)
+        sink.copy_arrow(conn, KEYS, keys.select(key_cols))
     conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(KEYS, sql.SQL(", ").join(map(sql.Identifier, key_cols))))
     conn.execute(sql.SQL("ANALYZE {}").format(KEYS))
 
@@ -79,6 +89,14 @@ _WRITTEN_BEFORE_PLAN = sql.SQL(
     "ELSE (((cur.x >> 32) - 1) << 32) | t.xmin::text::bigint END)::text::xid8, %(plan_snapshot)s::pg_snapshot)"
 )
 _CURRENT = sql.SQL("(SELECT pg_current_xact_id()::text::bigint AS x) AS cur")
+
+
+def count_all_missing(conn: psycopg.Connection, model: Model, tenant_id: str) -> int:
+    """The tenant's target rows, however recent, whose key is not among the loaded keys."""
+    query = sql.SQL("SELECT count(*) FROM {target} AS t WHERE {missing}").format(
+        target=sql.Identifier(model.target_table), missing=_missing(model)
+    )
+    return int(conn.execute(query, {"tenant_id": tenant_id}).fetchone()[0])
 
 
 def count_missing(conn: psycopg.Connection, model: Model, tenant_id: str, plan_snapshot: str) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +53,7 @@ READ_RETRY = Retry(
 )
 _PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
+_UUID = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
 
 
 @dataclass(frozen=True)
@@ -179,27 +181,40 @@ class BigQuerySource:
 
     def read_rows(self, snapshot: TableRef, start: int, end: int, columns: list[str] | None = None) -> pa.Table:
         """Rows with start <= _row_offset < end, as one Arrow table."""
+        restriction = f"`{OFFSET_COLUMN}` >= {int(start)} AND `{OFFSET_COLUMN}` < {int(end)}"
+        schema, batches = self._read(snapshot, restriction, columns or [])
+        return pa.Table.from_batches(list(batches), schema=schema)
+
+    def read_tenant_keys(self, model: Model, source: TableRef, tenant_id: str) -> Iterator[pa.RecordBatch]:
+        """The key columns of the tenant's rows in the source as it is now, a batch at a time (a dry run's look at
+        what the target holds beyond the source). Bills the key columns of the source table."""
+        if not _UUID.match(tenant_id):
+            raise ValueError(f"tenant_id {tenant_id!r} is not a uuid")  # goes into the restriction's text
+        forms = ", ".join(f'"{t}"' for t in dict.fromkeys([tenant_id.lower(), tenant_id.upper()]))
+        _, batches = self._read(source, f"`{model.tenant_column}` IN ({forms})", list(model.conflict_key[1:]))
+        return batches
+
+    def _read(
+        self, table: TableRef, restriction: str, columns: list[str]
+    ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         session = self.read_client.create_read_session(
             parent=f"projects/{self.project}",
             read_session=types.ReadSession(
-                table=snapshot.storage_path,
+                table=table.storage_path,
                 data_format=types.DataFormat.ARROW,
-                read_options=types.ReadSession.TableReadOptions(
-                    selected_fields=columns or [],
-                    row_restriction=f"`{OFFSET_COLUMN}` >= {int(start)} AND `{OFFSET_COLUMN}` < {int(end)}",
-                ),
+                read_options=types.ReadSession.TableReadOptions(selected_fields=columns, row_restriction=restriction),
             ),
             max_stream_count=1,
             retry=READ_RETRY,
             timeout=CALL_TIMEOUT,
         )
         schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
-        batches = [
+        batches = (
             pa.ipc.read_record_batch(pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
             for stream in session.streams
             for response in self.read_client.read_rows(stream.name, retry=READ_RETRY, timeout=10 * CALL_TIMEOUT)
-        ]
-        return pa.Table.from_batches(batches, schema=schema)
+        )
+        return schema, batches
 
     def drop_snapshot(self, snapshot: TableRef) -> None:
         self.client.delete_table(str(snapshot), not_found_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)

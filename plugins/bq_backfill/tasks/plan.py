@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from bq_backfill import ledger
+from bq_backfill import deletions, ledger
 from bq_backfill.connections import bigquery, postgres, source_table
 from bq_backfill.errors import EmptySourceError
 from bq_backfill.ledger import RunKey
@@ -32,6 +32,18 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
             chunks,
             s.chunk_size,
             max_map_length,
+        )
+        with postgres(s.postgres_conn_id) as conn:  # a temp table, gone with the transaction: nothing written
+            deletions.load_keys(conn, model, bq.read_tenant_keys(model, source, s.tenant_id))
+            gone = deletions.count_all_missing(conn, model, s.tenant_id)
+        log.info(
+            "dry run: %d target rows of tenant %s in %s have a key that is not in %s now (deleted there since an "
+            "earlier sync)%s",
+            gone,
+            s.tenant_id,
+            model.target_table,
+            source,
+            "; delete_missing would delete those written before its plan" if gone else "",
         )
         _check_chunk_count(total, s.chunk_size, max_map_length)
         return []
