@@ -79,15 +79,20 @@ def stall_first_write(pg, product_code: str, seconds: int) -> None:
 
 def wait_for_stalled_chunk(conn, timeout: float = 120) -> tuple[int, str] | None:
     """(backend pid, application_name) of a chunk session sleeping in stall_first_write's trigger, once one is."""
+    return wait_for_chunk_session(conn, "wait_event = 'PgSleep'", timeout)
+
+
+def wait_for_chunk_session(conn, condition: str, timeout: float, poll: float = 0.02) -> tuple[int, str] | None:
+    """(backend pid, application_name) of a chunk session in pg_stat_activity matching `condition`, once one does."""
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = conn.execute(
-            "SELECT pid, application_name FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+            f"SELECT pid, application_name FROM pg_stat_activity WHERE {condition} "  # noqa: S608 - test-only
             "AND application_name LIKE 'bigquery_backfill chunk %%'"
         ).fetchone()
         if row:
             return row
-        time.sleep(0.1)
+        time.sleep(poll)
     return None

@@ -7,7 +7,7 @@ import threading
 import time
 
 import psycopg
-from helpers import chunks, conf, jobs
+from helpers import chunks, conf, jobs, wait_for_chunk_session
 
 from bq_backfill import ledger
 from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
@@ -15,16 +15,8 @@ from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows,
 
 def _blocked_chunk(admin: psycopg.Connection, timeout: float = 60) -> str | None:
     """application_name of a chunk session waiting on a lock, once one is."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = admin.execute(
-            "SELECT application_name FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND application_name LIKE 'bigquery_backfill chunk %%'"
-        ).fetchone()
-        if row:
-            return row[0]
-        time.sleep(0.02)
-    return None
+    found = wait_for_chunk_session(admin, "wait_event_type = 'Lock'", timeout)
+    return found[1] if found else None
 
 
 def _hold(dsn: str, grab, seen: list, ready: threading.Event) -> None:

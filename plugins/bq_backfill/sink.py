@@ -166,13 +166,14 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
     cols = sql.SQL(", ").join(map(sql.Identifier, model.column_names))
     key = sql.SQL(", ").join(map(sql.Identifier, model.conflict_key))
     values = model.value_columns
+    # the staged rows, one per key: the last by source offset
+    src = sql.SQL("SELECT DISTINCT ON ({key}) {cols} FROM {stage} ORDER BY {key}, {off} DESC").format(
+        key=key, cols=cols, stage=STAGE, off=sql.Identifier(OFFSET_COLUMN)
+    )
+    current = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in values)
     query = sql.SQL(
         """
-        WITH src AS (
-            SELECT DISTINCT ON ({key}) {cols}
-            FROM {stage}
-            ORDER BY {key}, {off} DESC
-        ),
+        WITH src AS ({src}),
         upserted AS (
             INSERT INTO {target} AS t ({cols})
             SELECT {cols} FROM src
@@ -180,37 +181,30 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
             WHERE ({current}) IS DISTINCT FROM ({incoming})
             RETURNING (xmax = 0) AS inserted
         )
-        SELECT (SELECT count(*) FROM src)                            AS distinct_keys,
-               (SELECT count(*) FROM upserted WHERE inserted)        AS inserted,
+        SELECT (SELECT count(*) FROM upserted WHERE inserted)        AS inserted,
                (SELECT count(*) FROM upserted WHERE NOT inserted)    AS updated
         """
     ).format(
+        src=src,
         key=key,
         cols=cols,
-        stage=STAGE,
-        off=sql.Identifier(OFFSET_COLUMN),
         target=target,
         assign=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in values),
-        current=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in values),
+        current=current,
         incoming=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in values),
     )
     row = conn.execute(query).fetchone()
     assert row is not None
-    inserted, updated = int(row[1]), int(row[2])
+    inserted, updated = int(row[0]), int(row[1])
     # Checked after the statement, not derived from it: a row a trigger skipped or changed is not counted.
     holds = sql.SQL(
-        """
-        WITH src AS (SELECT DISTINCT ON ({key}) {cols} FROM {stage} ORDER BY {key}, {off} DESC)
-        SELECT count(*) FROM src JOIN {target} AS t USING ({key})
-        WHERE ({current}) IS NOT DISTINCT FROM ({staged})
-        """
+        "WITH src AS ({src}) SELECT count(*) FROM src JOIN {target} AS t USING ({key}) "
+        "WHERE ({current}) IS NOT DISTINCT FROM ({staged})"
     ).format(
-        key=key,
-        cols=cols,
-        stage=STAGE,
-        off=sql.Identifier(OFFSET_COLUMN),
+        src=src,
         target=target,
-        current=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in values),
+        key=key,
+        current=current,
         staged=sql.SQL(", ").join(sql.SQL("src.{}").format(sql.Identifier(c)) for c in values),
     )
     matched = conn.execute(holds).fetchone()
