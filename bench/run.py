@@ -45,9 +45,9 @@ def say(msg: str) -> None:
 def reset_target(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        from bq_backfill import ledger
+        from bq_backfill.setup import setup_database
 
-        ledger.apply_schema(conn)
+        setup_database(conn, None, False)  # the deployment's setup step
 
 
 def ceiling(dsn: str, rows: pa.Table) -> float:

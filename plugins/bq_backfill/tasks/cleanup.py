@@ -58,9 +58,9 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
         if not ledger.active_job_index_exists(conn):
             log.warning(
                 "the one-active-job index over every writer (bigquery_backfill_jobs_one_active) is not in place: "
-                "legacy duplicates blocked it when the setup ran; run bigquery_backfill_setup again once they are "
-                "cleaned up (each run's cleanup removes its own tenant+model's). This DAG's own jobs are protected "
-                "by bigquery_backfill_jobs_one_active_run meanwhile"
+                "run bigquery_backfill_setup (again, if legacy duplicates blocked it: each run's cleanup removes "
+                "its own tenant+model's). This DAG's own jobs are protected by bigquery_backfill_jobs_one_active_run "
+                "meanwhile"
             )
         if s.dry_run:
             log.info("dry run: cleanup rolled back, nothing deleted")
