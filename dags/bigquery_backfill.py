@@ -24,20 +24,12 @@ from datetime import timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 
 from bq_backfill.models import MODELS
-from bq_backfill.settings import NUMERIC_ROUNDING, allowed
+from bq_backfill.settings import NUMERIC_ROUNDING, allowed, allowlisted_param
 
 POOL = "bigquery_backfill_postgres"
 # No task waits forever: past this, Airflow stops it (a chunk is then retried like any transient failure).
 TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("BACKFILL_TASK_TIMEOUT_MINUTES", "60")))
-_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,249}$"
 _TABLE = r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
-
-
-def _allowed(param: str, preferred: str, pattern: str = _NAME) -> Param:
-    """A Param limited to what the deployment allows ([bigquery_backfill] allowed_*; see README)."""
-    values = allowed(param)
-    default = preferred if preferred in values else values[0]
-    return Param(default, type="string", pattern=pattern, enum=values, description=f"One of: {', '.join(values)}.")
 
 
 def _settings():
@@ -128,9 +120,9 @@ def _chunk_index(context) -> int:
             enum=[None, *allowed("source_table")],
             description="BigQuery [project.]dataset.table allowed by the deployment; empty uses the model's own.",
         ),
-        "scratch_dataset": _allowed("scratch_dataset", "backfill_scratch", r"^[A-Za-z0-9_]{1,1024}$"),
-        "gcp_conn_id": _allowed("gcp_conn_id", "google_cloud_default"),
-        "postgres_conn_id": _allowed("postgres_conn_id", "postgres_default"),
+        "scratch_dataset": allowlisted_param("scratch_dataset", "backfill_scratch", r"^[A-Za-z0-9_]{1,1024}$"),
+        "gcp_conn_id": allowlisted_param("gcp_conn_id", "google_cloud_default"),
+        "postgres_conn_id": allowlisted_param("postgres_conn_id", "postgres_default"),
     },
 )
 def bigquery_backfill():

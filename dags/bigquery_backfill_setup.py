@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from bq_backfill.settings import allowed
+from bq_backfill.settings import allowlisted_param
 
 _ROLE = r"^[a-z_][a-z0-9_]{0,62}$"
-_CONNS = allowed("setup_postgres_conn_id")  # [bigquery_backfill] allowed_setup_postgres_conn_ids
 
 
 @dag(
@@ -27,11 +26,9 @@ _CONNS = allowed("setup_postgres_conn_id")  # [bigquery_backfill] allowed_setup_
     doc_md=__doc__,
     tags=["backfill", "postgres", "setup"],
     params={
-        "postgres_conn_id": Param(
-            "postgres_default" if "postgres_default" in _CONNS else _CONNS[0],
-            type="string",
-            enum=_CONNS,
-            description="Connection whose role owns (or may create) the tables.",
+        # [bigquery_backfill] allowed_setup_postgres_conn_ids: the owner's connection, which runs cannot name
+        "postgres_conn_id": allowlisted_param(
+            "setup_postgres_conn_id", "postgres_default", description="Connection whose role owns the tables."
         ),
         "writer_role": Param(
             None,

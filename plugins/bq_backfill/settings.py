@@ -36,6 +36,20 @@ def allowed(param: str) -> list[str]:
     return list(dict.fromkeys(v.strip() for v in raw.split(",") if v.strip()))
 
 
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,249}$"  # a connection id
+
+
+def allowlisted_param(param: str, preferred: str, pattern: str = NAME_PATTERN, description: str = "") -> Any:
+    """A DAG Param offering only what the deployment allows ([bigquery_backfill] allowed_*): the trigger form shows
+    a drop-down, the REST API refuses anything else before a run exists. Defaults to `preferred` if allowed."""
+    from airflow.sdk import Param
+
+    values = allowed(param)
+    default = preferred if preferred in values else values[0]
+    text = f"{description} One of: {', '.join(values)}.".strip()
+    return Param(default, type="string", pattern=pattern, enum=values, description=text)
+
+
 def check_allowed(param: str, value: str | None) -> None:
     if value is None and param == "source_table":
         return  # the model's registered table
