@@ -163,6 +163,7 @@ def chunk_rss(chunk_size: int) -> float:
     model = get_model("inventory")
     src = BigQuerySource.from_connection("google_cloud_default")
     snap = TableRef(src.project, "backfill_scratch", "bench_rss")
+    src.locate(src.table(model.source_table), snap.dataset)
     as_of = src.now()
     total = src.new_snapshot(model, src.table(model.source_table), SEED_TENANT, snap, as_of)
     reset_target(os.environ["BENCH_DSN"])

@@ -32,7 +32,9 @@ os.environ.update(
         "BACKFILL_CHUNK_RETRY_DELAY_SECONDS": "1",
         "BACKFILL_BIGQUERY_RETRY_SECONDS": "1",
         # what the deployment lets a trigger name: the defaults plus the connections and tables the tests break
-        "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_GCP_CONN_IDS": "google_cloud_default,no_such_gcp,flaky_gcp,secret_gcp",
+        "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_GCP_CONN_IDS": (
+            "google_cloud_default,no_such_gcp,flaky_gcp,secret_gcp,recorded_gcp"
+        ),
         "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_POSTGRES_CONN_IDS": (
             "postgres_default,no_such_pg,closed_pg,embedded_target,writer_pg,secret_pg"
         ),

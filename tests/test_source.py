@@ -5,16 +5,21 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pyarrow.compute as pc
+import pytest
+from google.cloud import bigquery
 
 from bq_backfill.models import get_model
-from bq_backfill.source import BigQuerySource, TableRef
-from devtools.seed import OTHER_TENANT, SEED_TENANT, append_source, create_source, inventory_table
+from bq_backfill.source import BigQuerySource, LocationMismatchError, TableRef
+from devtools.seed import OTHER_TENANT, PROJECT, SEED_TENANT, append_source, create_source, inventory_table
 
 MODEL = get_model("inventory")
 
 
 def _source() -> BigQuerySource:
-    return BigQuerySource.from_connection("google_cloud_default")
+    """The run's client, located as plan_chunks locates it (the scratch dataset made in the source's location)."""
+    src = BigQuerySource.from_connection("google_cloud_default")
+    src.locate(src.table(MODEL.source_table), "backfill_scratch")
+    return src
 
 
 def test_snapshot_numbers_rows_by_the_full_key_and_large_chunks_read_whole(bq):
@@ -64,3 +69,53 @@ def test_the_tenant_matches_in_either_letter_case(bq):
 
     assert src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now()) == 1_000
     assert src.count_tenant_rows(MODEL, src.table(MODEL.source_table), SEED_TENANT.upper()) == 1_000
+
+
+def test_the_scratch_dataset_is_made_in_the_sources_location_and_a_mismatch_is_refused(bq):
+    bq.delete_dataset("analytics", delete_contents=True)
+    eu = bigquery.Dataset(f"{PROJECT}.analytics")
+    eu.location = "EU"
+    bq.create_dataset(eu)
+    create_source(bq, inventory_table(SEED_TENANT, 10))
+    src = BigQuerySource.from_connection("google_cloud_default")
+
+    assert src.locate(src.table(MODEL.source_table), "backfill_scratch") == "EU"
+    assert bq.get_dataset("backfill_scratch").location == "EU"
+
+    bq.create_dataset(f"{PROJECT}.scratch_us")  # the client's default location: US
+    with pytest.raises(LocationMismatchError, match=r"scratch dataset backfill-test.scratch_us is in US, the source "
+                       r"backfill-test.analytics.inventory_movements in EU.*Param scratch_dataset"):  # fmt: skip
+        src.locate(src.table(MODEL.source_table), "scratch_us")
+
+
+def test_a_run_on_an_eu_source_sends_every_query_job_and_the_scratch_dataset_to_eu(
+    pg, bq, bq_emulator, backfill_dag, monkeypatch
+):
+    import json
+
+    from helpers import conf
+
+    from devtools import services
+    from devtools.http_recorder import RecordingProxy
+
+    bq.delete_dataset("analytics", delete_contents=True)
+    eu = bigquery.Dataset(f"{PROJECT}.analytics")
+    eu.location = "EU"
+    bq.create_dataset(eu)
+    create_source(bq, inventory_table(SEED_TENANT, 600))
+    proxy = RecordingProxy(bq_emulator["rest"])  # what the DAG sends, whatever the emulator does with it
+    connection = json.loads(services.gcp_connection(PROJECT, bq_emulator))
+    connection["extra"]["bigquery_endpoint"] = proxy.url
+    monkeypatch.setenv("AIRFLOW_CONN_RECORDED_GCP", json.dumps(connection))
+    try:
+        dr = backfill_dag.test(run_conf=conf(gcp_conn_id="recorded_gcp"))
+    finally:
+        proxy.close()
+
+    assert dr.state == "success"
+    posts = [(r["path"].split("?")[0], r["json"]) for r in proxy.requests if r["method"] == "POST"]
+    jobs = [body for path, body in posts if path.endswith("/jobs")]
+    assert len(jobs) >= 3  # now, the snapshot, its count
+    assert {j["jobReference"].get("location") for j in jobs} == {"EU"}
+    datasets = [body for path, body in posts if path.endswith("/datasets")]
+    assert [d["location"] for d in datasets] == ["EU"]  # the scratch dataset, made where the source is

@@ -88,6 +88,10 @@ class TableRef:
         return f"projects/{self.project}/datasets/{self.dataset}/tables/{self.table}"
 
 
+class LocationMismatchError(ValueError):
+    """The scratch dataset is not in the source dataset's location."""
+
+
 def snapshot_name(model: Model, tenant_id: str, dag_id: str, run_id: str) -> str:
     digest = hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:16]
     return f"backfill_{model.model_type}_{tenant_id.replace('-', '')}_{digest}"
@@ -104,6 +108,7 @@ class BigQuerySource:
         self.client = client
         self.read_client = read_client
         self.project = project
+        self.location: str | None = None  # the source dataset's, once locate() found it: every query job runs there
 
     @classmethod
     def from_connection(cls, gcp_conn_id: str) -> BigQuerySource:
@@ -137,6 +142,24 @@ class BigQuerySource:
         if missing:
             raise LookupError(f"BigQuery source table {source} lacks columns {missing} of model {model.model_type!r}")
 
+    def locate(self, source: TableRef, scratch_dataset: str) -> str:
+        """Finds the source dataset's location and makes sure the scratch dataset is there too (created there if
+        missing): a query over the source can only write a table in its own location. From then on every query job
+        of this client runs in that location. Runs no query."""
+        location = self.client.get_dataset(f"{source.project}.{source.dataset}", retry=FAST_RETRY).location or "US"
+        wanted = bigquery.Dataset(f"{self.project}.{scratch_dataset}")
+        wanted.location = location
+        scratch = self.client.create_dataset(wanted, exists_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+        if (scratch.location or "US").lower() != location.lower():
+            raise LocationMismatchError(
+                f"scratch dataset {self.project}.{scratch_dataset} is in {scratch.location}, the source {source} in "
+                f"{location}: a query over {location} cannot write there. Set the Param scratch_dataset to a dataset "
+                f"in {location} (allowed by [bigquery_backfill] allowed_scratch_datasets), or drop "
+                f"{self.project}.{scratch_dataset} so that it is made again in {location}"
+            )
+        self.location = location
+        return location
+
     def now(self) -> datetime:
         return self._scalar("SELECT CURRENT_TIMESTAMP()")
 
@@ -163,7 +186,6 @@ class BigQuerySource:
     def _create_snapshot(
         self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime, *, replace: bool
     ) -> None:
-        self.client.create_dataset(bigquery.Dataset(f"{snapshot.project}.{snapshot.dataset}"), exists_ok=True)
         cols = ", ".join(f"`{c}`" for c in model.column_names)
         order = ", ".join(f"`{c}`" for c in model.order_key)
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
@@ -222,7 +244,7 @@ class BigQuerySource:
     def _run(self, query: str, config: bigquery.QueryJobConfig | None = None) -> bigquery.table.RowIterator:
         config = config or bigquery.QueryJobConfig()
         config.job_timeout_ms = int(JOB_TIMEOUT_SECONDS * 1000)
-        job = self.client.query(query, job_config=config, retry=FAST_RETRY)
+        job = self.client.query(query, job_config=config, retry=FAST_RETRY, location=self.location)
         return job.result(retry=FAST_RETRY, timeout=JOB_TIMEOUT_SECONDS + CALL_TIMEOUT)
 
     def _scalar(self, query: str, config: bigquery.QueryJobConfig | None = None) -> Any:

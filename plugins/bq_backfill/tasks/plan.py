@@ -21,6 +21,7 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
     bq = bigquery(s.gcp_conn_id)
     source = source_table(s, bq)
     if s.dry_run:
+        bq.locate(source, s.scratch_dataset)
         total = bq.count_tenant_rows(model, source, s.tenant_id)
         chunks = -(-total // s.chunk_size)
         log.info(
@@ -63,6 +64,7 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
         if job.chunk_size != s.chunk_size:
             log.info("run already planned with chunk_size %d: keeping it", job.chunk_size)
         snapshot = bq.table(job.snapshot_table)
+        bq.locate(source, snapshot.dataset)
         total = bq.keep_snapshot(s.model, source, s.tenant_id, snapshot, job.snapshot_at)
         if total != job.total_records:
             raise RuntimeError(f"snapshot {snapshot} now has {total} rows but job {job.id} planned {job.total_records}")
@@ -88,6 +90,10 @@ def _take_snapshot(
 ) -> ledger.Job:
     """A new snapshot as of now, recorded on the job; dropped again if the plan cannot go on with it."""
     snapshot = TableRef(bq.project, s.scratch_dataset, snapshot_name(s.model, s.tenant_id, run.dag_id, run.run_id))
+    location = bq.locate(source, s.scratch_dataset)  # before any query: a mismatch fails here
+    log.info(
+        "source %s and scratch dataset %s are in %s: every query job runs there", source, s.scratch_dataset, location
+    )
     with postgres(s.postgres_conn_id) as conn:  # taken first: a row written after it is after the as-of time too
         target_snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
     as_of = bq.now()
