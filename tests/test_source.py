@@ -9,7 +9,7 @@ import pytest
 from google.cloud import bigquery
 
 from bq_backfill.models import get_model
-from bq_backfill.source import BigQuerySource, LocationMismatchError, TableRef
+from bq_backfill.source import BigQuerySource, LocationMismatchError, TableRef, job_labels
 from devtools.seed import OTHER_TENANT, PROJECT, SEED_TENANT, append_source, create_source, inventory_table
 
 MODEL = get_model("inventory")
@@ -117,5 +117,14 @@ def test_a_run_on_an_eu_source_sends_every_query_job_and_the_scratch_dataset_to_
     jobs = [body for path, body in posts if path.endswith("/jobs")]
     assert len(jobs) >= 3  # now, the snapshot, its count
     assert {j["jobReference"].get("location") for j in jobs} == {"EU"}
+    # every job, and the snapshot table it makes, labelled for billing: dag, model, tenant and run hashes
+    labels = job_labels("bigquery_backfill", "inventory", SEED_TENANT, dr.run_id)
+    assert all(j["configuration"]["labels"] == labels for j in jobs)
+    [ctas] = [
+        j["configuration"]["query"]["query"]
+        for j in jobs
+        if "CREATE OR REPLACE TABLE" in j["configuration"]["query"]["query"]
+    ]
+    assert "labels=[" + ", ".join(f'("{k}", "{v}")' for k, v in sorted(labels.items())) + "]" in ctas
     datasets = [body for path, body in posts if path.endswith("/datasets")]
     assert [d["location"] for d in datasets] == ["EU"]  # the scratch dataset, made where the source is

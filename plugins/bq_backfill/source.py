@@ -88,6 +88,25 @@ class TableRef:
         return f"projects/{self.project}/datasets/{self.dataset}/tables/{self.table}"
 
 
+_LABEL = re.compile(r"[^a-z0-9_-]")
+
+
+def job_labels(dag_id: str, model_type: str, tenant_id: str, run_id: str) -> dict[str, str]:
+    """Labels for a backfill's BigQuery jobs and snapshot table, so billing exports attribute its cost: the DAG, the
+    model, and hashes of the tenant and of the dag run (a label value must be at most 63 lower-case letters, digits,
+    '_' or '-'; a tenant id is not put in billing data as it is)."""
+
+    def value(text: str) -> str:
+        return _LABEL.sub("_", text.lower())[:63]
+
+    return {
+        "backfill_dag": value(dag_id),
+        "backfill_model": value(model_type),
+        "backfill_tenant": hashlib.sha256(tenant_id.lower().encode()).hexdigest()[:16],
+        "backfill_run": hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:16],
+    }
+
+
 class LocationMismatchError(ValueError):
     """The scratch dataset is not in the source dataset's location."""
 
@@ -109,6 +128,7 @@ class BigQuerySource:
         self.read_client = read_client
         self.project = project
         self.location: str | None = None  # the source dataset's, once locate() found it: every query job runs there
+        self.labels: dict[str, str] = {}  # put on every query job and on the snapshot table (see job_labels)
 
     @classmethod
     def from_connection(cls, gcp_conn_id: str) -> BigQuerySource:
@@ -191,12 +211,18 @@ class BigQuerySource:
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
         query = (
             f"CREATE {'OR REPLACE ' if replace else ''}TABLE {snapshot.sql} "  # noqa: S608
-            f"OPTIONS(expiration_timestamp=TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL 7 DAY)) AS "
+            f"OPTIONS(expiration_timestamp=TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL 7 DAY)"
+            f"{self._label_option()}) AS "
             f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` "
             f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
             f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
         )
         self._run(query, self._tenant_param(tenant_id))
+
+    def _label_option(self) -> str:
+        # label keys and values are job_labels' own: lower-case letters, digits, '_' and '-' only
+        pairs = ", ".join(f'("{k}", "{v}")' for k, v in sorted(self.labels.items()))
+        return f", labels=[{pairs}]" if pairs else ""
 
     def _count(self, table: TableRef) -> int:
         return int(self._scalar(f"SELECT COUNT(*) AS n FROM {table.sql}"))  # noqa: S608
@@ -244,6 +270,7 @@ class BigQuerySource:
     def _run(self, query: str, config: bigquery.QueryJobConfig | None = None) -> bigquery.table.RowIterator:
         config = config or bigquery.QueryJobConfig()
         config.job_timeout_ms = int(JOB_TIMEOUT_SECONDS * 1000)
+        config.labels = dict(self.labels)
         job = self.client.query(query, job_config=config, retry=FAST_RETRY, location=self.location)
         return job.result(retry=FAST_RETRY, timeout=JOB_TIMEOUT_SECONDS + CALL_TIMEOUT)
 

@@ -11,7 +11,7 @@ from bq_backfill.connections import bigquery, postgres, source_table
 from bq_backfill.errors import EmptySourceError
 from bq_backfill.ledger import RunKey
 from bq_backfill.settings import Settings
-from bq_backfill.source import BigQuerySource, TableRef, snapshot_name
+from bq_backfill.source import BigQuerySource, TableRef, job_labels, snapshot_name
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str, Any]]:
     model = s.model
     bq = bigquery(s.gcp_conn_id)
+    bq.labels = job_labels(run.dag_id, s.model_type, s.tenant_id, run.run_id)
     source = source_table(s, bq)
     if s.dry_run:
         bq.locate(source, s.scratch_dataset)
