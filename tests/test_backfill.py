@@ -131,6 +131,7 @@ def test_dry_run_writes_nothing(pg, bq, backfill_dag):
     assert table_state(pg, "inventory_movements") == rows_before
     assert pg.execute("SELECT count(*) FROM backfill_chunks").fetchone() == (0,)
     assert scratch_tables(bq) == []  # no snapshot either
+    assert not any(d.dataset_id == "backfill_scratch" for d in bq.list_datasets())  # nor a scratch dataset
 
 
 def test_a_dry_run_that_cannot_finish_fails(pg, bq, backfill_dag):

@@ -162,14 +162,21 @@ class BigQuerySource:
         if missing:
             raise LookupError(f"BigQuery source table {source} lacks columns {missing} of model {model.model_type!r}")
 
-    def locate(self, source: TableRef, scratch_dataset: str) -> str:
+    def locate(self, source: TableRef, scratch_dataset: str, *, create: bool = True) -> str:
         """Finds the source dataset's location and makes sure the scratch dataset is there too (created there if
-        missing): a query over the source can only write a table in its own location. From then on every query job
-        of this client runs in that location. Runs no query."""
+        missing, unless `create` is false: a dry run only checks one that exists): a query over the source can only
+        write a table in its own location. From then on every query job of this client runs in that location. Runs
+        no query."""
         location = self.client.get_dataset(f"{source.project}.{source.dataset}", retry=FAST_RETRY).location or "US"
         wanted = bigquery.Dataset(f"{self.project}.{scratch_dataset}")
         wanted.location = location
-        scratch = self.client.create_dataset(wanted, exists_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+        if create:
+            scratch = self.client.create_dataset(wanted, exists_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+        else:
+            try:
+                scratch = self.client.get_dataset(wanted.reference, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+            except NotFound:
+                scratch = wanted  # would be made in the source's location
         if (scratch.location or "US").lower() != location.lower():
             raise LocationMismatchError(
                 f"scratch dataset {self.project}.{scratch_dataset} is in {scratch.location}, the source {source} in "
@@ -182,10 +189,6 @@ class BigQuerySource:
 
     def now(self) -> datetime:
         return self._scalar("SELECT CURRENT_TIMESTAMP()")
-
-    def count_tenant_rows(self, model: Model, source: TableRef, tenant_id: str) -> int:
-        query = f"SELECT COUNT(*) AS n FROM {source.sql} WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"  # noqa: S608
-        return int(self._scalar(query, self._tenant_param(tenant_id)))
 
     def new_snapshot(self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime) -> int:
         """Creates the numbered snapshot as of `as_of`, replacing a table of that name; returns its row count."""

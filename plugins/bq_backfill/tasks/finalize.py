@@ -80,7 +80,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
             first, last = ends.slice(0, 1).to_pylist()[0], ends.slice(len(ends) - 1).to_pylist()[0]
             distinct = deletions.distinct_sorted_keys(model, ordered)
             with postgres(s.postgres_conn_id) as conn:
-                return sink.missing_keys(conn, model, s.tenant_id, job.id, keys), distinct, first, last
+                return sink.missing_keys(conn, model, s.tenant_id, job.id, ordered), distinct, first, last
 
         with ThreadPoolExecutor(2, thread_name_prefix="key-check") as pool:
             ranges = list(pool.map(missing_in, range(0, job.total_records, KEY_CHECK_ROWS)))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import pyarrow as pa
 
 from bq_backfill import deletions, ledger
 from bq_backfill.connections import bigquery, postgres, source_table
@@ -22,8 +25,20 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
     bq.labels = job_labels(run.dag_id, s.model_type, s.tenant_id, run.run_id)
     source = source_table(s, bq)
     if s.dry_run:
-        bq.locate(source, s.scratch_dataset)
-        total = bq.count_tenant_rows(model, source, s.tenant_id)
+        bq.locate(source, s.scratch_dataset, create=False)
+        # One read of the tenant's key columns, streamed into a temp table (gone with the transaction: nothing
+        # written), gives both its row count and what the target holds beyond it.
+        read = [0]
+
+        def counted(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for batch in batches:
+                read[0] += batch.num_rows
+                yield batch
+
+        with postgres(s.postgres_conn_id) as conn:
+            deletions.load_keys(conn, model, counted(bq.read_tenant_keys(model, source, s.tenant_id)))
+            gone = deletions.count_all_missing(conn, model, s.tenant_id)
+        total = read[0]
         chunks = -(-total // s.chunk_size)
         log.info(
             "dry run: tenant %s has %d rows in %s; plan would be %d chunks of %d rows (max_map_length %d); "
@@ -35,9 +50,6 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
             s.chunk_size,
             max_map_length,
         )
-        with postgres(s.postgres_conn_id) as conn:  # a temp table, gone with the transaction: nothing written
-            deletions.load_keys(conn, model, bq.read_tenant_keys(model, source, s.tenant_id))
-            gone = deletions.count_all_missing(conn, model, s.tenant_id)
         log.info(
             "dry run: %d target rows of tenant %s in %s have a key that is not in %s now (deleted there since an "
             "earlier sync)%s",
