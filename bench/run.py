@@ -153,6 +153,44 @@ def peer(dsn: str, rest: str) -> dict:
     return {"wall_s": wall, "rows_landed": landed}
 
 
+LATENCY_S = 0.25
+
+
+def latency_rounds(dag, dsn: str, rows: pa.Table, emu: dict, repeat: int) -> dict:
+    """Cold runs with every BigQuery request, and every read stream's response, delayed by LATENCY_S (loopback
+    proxies in front of the emulator: a far-away API's round trip), each against a raw COPY measured just before."""
+    from devtools.grpc_recorder import GrpcRecordingProxy
+    from devtools.http_recorder import RecordingProxy
+
+    rest, grpc = RecordingProxy(emu["rest"], delay=LATENCY_S), GrpcRecordingProxy(emu["storage"], delay=LATENCY_S)
+    connection = json.loads(services.gcp_connection(PROJECT, emu))
+    connection["extra"].update(bigquery_endpoint=rest.url, storage_read_endpoint=grpc.endpoint)
+    plain = os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"]
+    os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = json.dumps(connection)
+    ceilings, runs, calls = [], [], []
+    try:
+        for _ in range(repeat):
+            ceilings.append(ceiling(dsn, rows))
+            reset_target(dsn)
+            rest.requests.clear()
+            grpc.calls.clear()
+            runs.append(dag_run(dag, dsn))
+            calls.append({"rest": len(rest.requests), "grpc": len(grpc.calls)})
+            say(f"latency round: ceiling {ceilings[-1]:.2f} s, cold {runs[-1]['wall_s']:.2f} s, {calls[-1]}")
+    finally:
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = plain
+        rest.close()
+        grpc.close()
+    return {
+        "delay_s": LATENCY_S,
+        "ceiling_copy_s": statistics.median(ceilings),
+        "cold_s": statistics.median(r["wall_s"] for r in runs),
+        "ratio_cold": statistics.median(r["wall_s"] / c for r, c in zip(runs, ceilings, strict=True)),
+        "requests": calls[-1],
+        "rounds": [{"ceiling_s": c, "cold_s": r["wall_s"]} for c, r in zip(ceilings, runs, strict=True)],
+    }
+
+
 def chunk_rss(chunk_size: int) -> float:
     """Peak RSS (MB) of a process doing what one load_chunk task does, for one chunk of chunk_size rows,
     read from a snapshot of the whole tenant."""
@@ -165,7 +203,7 @@ def chunk_rss(chunk_size: int) -> float:
     snap = TableRef(src.project, "backfill_scratch", "bench_rss")
     src.locate(src.table(model.source_table), snap.dataset)
     as_of = src.now()
-    total = src.new_snapshot(model, src.table(model.source_table), SEED_TENANT, snap, as_of)
+    total = src.new_snapshot(model, src.table(model.source_table), SEED_TENANT, snap, as_of, chunk_size)
     reset_target(os.environ["BENCH_DSN"])
     with psycopg.connect(os.environ["BENCH_DSN"]) as conn:
         job, _ = ledger.claim_job(conn, ledger.RunKey("bench", f"rss-{chunk_size}"), SEED_TENANT, "inventory")
@@ -199,6 +237,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measured configuration (median reported)")
     parser.add_argument("--no-peer", action="store_true", help="skip BigQueryToPostgresOperator (~1.5 min)")
+    parser.add_argument("--latency-only", action="store_true", help="only the cold runs with BigQuery latency")
     parser.add_argument(
         "--rss-only", type=int, metavar="SOURCE_ROWS",
         help="only measure chunk-task peak RSS with this many source rows; merged into results.json",
@@ -207,6 +246,8 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     if args.rss_only:
         return rss_only(args.rss_only)
+    if args.latency_only:
+        return latency_only(args.repeat)
     path = OUT / "results.json"
     # measurements not repeated in this run (--no-peer, --rss-only) keep their earlier figures
     results: dict = json.loads(path.read_text()) if path.exists() else {}
@@ -257,6 +298,9 @@ def main() -> int:
         say(f"this DAG, cold:   {results['dag_cold']}")
         say(f"this DAG, re-run: {results['dag_noop']}")
 
+        results["latency"] = latency_rounds(dag, dsn, rows, emu, args.repeat)
+        say(f"with {LATENCY_S * 1000:.0f} ms per BigQuery request: {results['latency']}")
+
         sweep = {}
         for size in (10_000, 50_000, 200_000, 500_000, 1_000_000):
             reset_target(dsn)
@@ -276,6 +320,8 @@ def main() -> int:
 
     if "peer" in results:
         results["speedup_vs_peer"] = results["peer"]["wall_s"] / results["dag_cold"]["wall_s"]
+    results["cost_model"], lines = cost_report(rows)
+    say("\nWhat a backfill reads from BigQuery (cost model, bench/cost_model.py):\n" + "\n".join(lines))
     table = summary(results)
     say("\n| path | median s | × raw COPY | BigQuery |\n|---|---|---|---|")
     for name, secs, ratio, bq in table:
@@ -299,11 +345,51 @@ def summary(results: dict) -> list[tuple[str, float, float, str]]:
          f"{ours['queries']} queries, {ours['source_scans']} source scan"),
         ("this DAG, nothing changed", results["dag_noop"]["wall_s"], results["ratio_noop"], "same"),
     ]  # fmt: skip
+    if "latency" in results:
+        lat = results["latency"]
+        calls = f"{lat['requests']['rest']} REST requests, {lat['requests']['grpc']} gRPC calls"
+        table.append((f"this DAG, cold, +{lat['delay_s'] * 1000:.0f} ms per BigQuery call", lat["cold_s"],
+                      lat["ratio_cold"], calls))  # fmt: skip
     if "peer" in results:
         p = results["peer"]["wall_s"]
         table.append(("BigQueryToPostgresOperator", p, p / c, "tabledata.list of the whole table (every tenant)"))
     table.append(("old loop (estimate)", 30 * 60, 30 * 60 / c, f"{old_loop_queries:,} queries, each a full scan"))
     return table
+
+
+def cost_report(rows: pa.Table) -> tuple[dict, list[str]]:
+    from bench.cost_model import report
+    from bq_backfill.models import get_model
+
+    return report(rows.slice(0, 200_000), list(get_model("inventory").conflict_key[1:]))
+
+
+def latency_only(repeat: int) -> int:
+    """The latency rounds alone (with a warm-up run), merged into results.json."""
+    path = OUT / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
+        dsn = services.recreate_database(admin, "backfill_bench")
+        os.environ["AIRFLOW_CONN_POSTGRES_DEFAULT"] = services.airflow_conn_uri(dsn)
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = services.gcp_connection(PROJECT, emu)
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+        client = bq_client(emu["rest"])
+        client.create_dataset("analytics", exists_ok=True)
+        rows = inventory_table(SEED_TENANT, SOURCE_ROWS)
+        create_source(client, rows)
+        append_source(client, inventory_table(OTHER_TENANT, 200_000, seed=3))
+        from airflow.dag_processing.dagbag import DagBag
+
+        dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill")
+        reset_target(dsn)
+        dag_run(dag, dsn)  # warm-up
+        results["latency"] = latency_rounds(dag, dsn, rows, emu, repeat)
+        services.drop_database(admin, "backfill_bench")
+    results["cost_model"], lines = cost_report(rows)
+    say("\n".join(lines))
+    say(f"with {LATENCY_S * 1000:.0f} ms per BigQuery request: {results['latency']}")
+    path.write_text(json.dumps(results, indent=2, default=str))
+    return 0
 
 
 def rss_only(source_rows: int) -> int:

@@ -24,7 +24,7 @@ from datetime import timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 
 from bq_backfill.models import MODELS
-from bq_backfill.settings import NUMERIC_ROUNDING, allowed, allowlisted_param
+from bq_backfill.settings import NUMERIC_ROUNDING, allowed, allowlisted_param, default_bytes_cap
 
 POOL = "bigquery_backfill_postgres"
 # No task waits forever: past this, Airflow stops it (a chunk is then retried like any transient failure).
@@ -112,6 +112,13 @@ def _chunk_index(context) -> int:
             type="integer",
             minimum=0,
             description="With delete_missing: refuse (delete nothing) if more rows than this would go.",
+        ),
+        "maximum_bytes_billed": Param(
+            default_bytes_cap(),
+            type=["null", "integer"],
+            minimum=1,
+            description="Refuse the run (before anything is billed) if BigQuery would bill more bytes than this for "
+            "its snapshot query; passed to every query job as maximumBytesBilled. Empty: no cap.",
         ),
         "source_table": Param(
             None,

@@ -38,7 +38,7 @@ os.environ.update(
         "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_POSTGRES_CONN_IDS": (
             "postgres_default,no_such_pg,closed_pg,embedded_target,writer_pg,secret_pg"
         ),
-        "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_SOURCE_TABLES": "analytics.nope",
+        "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_SOURCE_TABLES": "analytics.nope,analytics.inventory_view",
     }
 )
 

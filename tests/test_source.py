@@ -9,7 +9,7 @@ import pytest
 from google.cloud import bigquery
 
 from bq_backfill.models import get_model
-from bq_backfill.source import BigQuerySource, LocationMismatchError, TableRef, job_labels
+from bq_backfill.source import BigQuerySource, LocationMismatchError, TableRef, _merged, job_labels
 from devtools.seed import OTHER_TENANT, PROJECT, SEED_TENANT, append_source, create_source, inventory_table
 
 MODEL = get_model("inventory")
@@ -29,7 +29,7 @@ def test_snapshot_numbers_rows_by_the_full_key_and_large_chunks_read_whole(bq):
     src = _source()
     snap = TableRef(src.project, "backfill_scratch", "snap_test")
 
-    total = src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now())
+    total = src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now(), 1000)
     assert total == 120_000
 
     cols = [*MODEL.column_names, "_row_offset"]
@@ -46,19 +46,21 @@ def test_snapshot_is_frozen_and_recreated_identically_from_its_timestamp(bq):
     src = _source()
     as_of = src.now()
     first = TableRef(src.project, "backfill_scratch", "snap_a")
-    src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of)
+    src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of, 1000)
     append_source(bq, inventory_table(SEED_TENANT, 2_500).slice(2_000))  # the source moves on after plan
 
     again = TableRef(src.project, "backfill_scratch", "snap_b")
-    total = src.keep_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, again, as_of)
+    total = src.keep_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, again, as_of, 1000)
     assert total == 2_000
     cols = [*MODEL.column_names, "_row_offset"]
     a = src.read_rows(first, 0, 2_000, cols).sort_by("_row_offset")
     b = src.read_rows(again, 0, 2_000, cols).sort_by("_row_offset")
     assert a.to_pylist() == b.to_pylist()
     # keeping an existing snapshot (a retried plan) leaves it as it is; a new one replaces it, as of its own time
-    assert src.keep_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of + timedelta(0)) == 2_000
-    assert src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, src.now()) == 2_500
+    assert (
+        src.keep_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of + timedelta(0), 1000) == 2_000
+    )
+    assert src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, src.now(), 1000) == 2_500
 
 
 def test_the_tenant_matches_in_either_letter_case(bq):
@@ -67,7 +69,7 @@ def test_the_tenant_matches_in_either_letter_case(bq):
     src = _source()
     snap = TableRef(src.project, "backfill_scratch", "snap_case")
 
-    assert src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now()) == 1_000
+    assert src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now(), 1000) == 1_000
     batches = src.read_tenant_keys(MODEL, src.table(MODEL.source_table), SEED_TENANT.upper())
     assert sum(b.num_rows for b in batches) == 1_000
 
@@ -129,3 +131,18 @@ def test_a_run_on_an_eu_source_sends_every_query_job_and_the_scratch_dataset_to_
     assert "labels=[" + ", ".join(f'("{k}", "{v}")' for k, v in sorted(labels.items())) + "]" in ctas
     datasets = [body for path, body in posts if path.endswith("/datasets")]
     assert [d["location"] for d in datasets] == ["EU"]  # the scratch dataset, made where the source is
+
+
+def test_streams_read_side_by_side_give_every_row_once(bq):
+    create_source(bq, inventory_table(SEED_TENANT, 3_000))
+    src = _source()
+    snap = TableRef(src.project, "backfill_scratch", "snap_streams")
+    src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now(), 1_000)
+    streams = []
+    for lo in (0, 1_000, 2_000):  # three sessions' streams, merged as one session's several streams are
+        schema, names = src._session(snap, f"`_row_offset` >= {lo} AND `_row_offset` < {lo + 1_000}", [], 1)
+        streams += [src._stream(name, schema) for name in names]
+
+    offsets = [o for batch in _merged(streams) for o in batch.column("_row_offset").to_pylist()]
+
+    assert sorted(offsets) == list(range(3_000))

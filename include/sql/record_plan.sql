@@ -6,6 +6,7 @@ SET total_records = %(total_records)s,
     snapshot_table = %(snapshot_table)s,
     snapshot_at = %(snapshot_at)s,
     target_snapshot = %(target_snapshot)s,
+    estimated_bytes = %(estimated_bytes)s,
     updated_at = now()
 WHERE id = %(job_id)s AND snapshot_table IS NULL
 RETURNING id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at, target_snapshot;

@@ -46,7 +46,9 @@ ALTER TABLE bigquery_backfill_jobs
     -- the tenant's target rows whose key is not in the snapshot (deleted from the source since), and how many of
     -- them the run deleted (delete_missing)
     ADD COLUMN IF NOT EXISTS missing_from_source bigint,
-    ADD COLUMN IF NOT EXISTS deleted_records   bigint NOT NULL DEFAULT 0;
+    ADD COLUMN IF NOT EXISTS deleted_records   bigint NOT NULL DEFAULT 0,
+    -- BigQuery's dry-run estimate of the bytes the snapshot query processes (what on-demand pricing bills)
+    ADD COLUMN IF NOT EXISTS estimated_bytes   bigint;
 -- A job belongs to exactly one dag run: re-running the run's tasks reuses it.
 CREATE UNIQUE INDEX IF NOT EXISTS bigquery_backfill_jobs_dag_run
     ON bigquery_backfill_jobs (dag_id, dag_run_id);

@@ -44,12 +44,14 @@ def tenant_rows(conn: psycopg.Connection, model: Model, tenant_id: str) -> int:
 
 
 def load_snapshot_keys(
-    conn: psycopg.Connection, model: Model, bq: BigQuerySource, snapshot: TableRef, total: int, step: int
+    conn: psycopg.Connection, model: Model, bq: BigQuerySource, snapshot: TableRef, total: int, chunk_size: int
 ) -> None:
-    """Every key of the snapshot (NULL-keyed rows left out) in a temp table, read a range at a time."""
+    """Every key of the snapshot (NULL-keyed rows left out) in a temp table, read with one read session per chunk
+    (its own partition), a batch at a time."""
     key_cols = list(model.conflict_key[1:])
+    ranges = range(0, total, chunk_size)
     load_keys(
-        conn, model, (bq.read_rows(snapshot, lo, min(lo + step, total), key_cols) for lo in range(0, total, step))
+        conn, model, (b for lo in ranges for b in bq.read_chunk(snapshot, lo, min(lo + chunk_size, total), key_cols))
     )
 
 

@@ -31,6 +31,10 @@ def is_transient(exc: BaseException) -> bool:
     )
     if isinstance(exc, SourceReadError) and exc.__cause__ is not None:
         return is_transient(exc.__cause__)
+    if isinstance(exc, gexc.Forbidden):  # BigQuery's 403 is both "not allowed" and "too often": its reason tells
+        from bq_backfill.source import RETRIED_REASONS, error_reason
+
+        return error_reason(exc) in RETRIED_REASONS
     return isinstance(exc, transient)
 
 
@@ -40,6 +44,10 @@ class ReconciliationError(Exception):
 
 class EmptySourceError(ValueError):
     """The snapshot holds no row of the tenant (a mistyped tenant, or the wrong source table)."""
+
+
+class BytesCapError(ValueError):
+    """BigQuery's estimate of the snapshot query is over the run's maximum_bytes_billed: refused before billing."""
 
 
 class UpstreamNotDoneError(ReconciliationError):

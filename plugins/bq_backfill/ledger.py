@@ -186,8 +186,9 @@ def record_plan(
     snapshot_table: str,
     snapshot_at: datetime,
     target_snapshot: str,
+    estimated_bytes: int | None = None,
 ) -> Job:
-    """Records the snapshot the job reads; once per job."""
+    """Records the snapshot the job reads (and BigQuery's estimate of the bytes its query bills); once per job."""
     row = _one(
         conn,
         "record_plan.sql",
@@ -199,6 +200,7 @@ def record_plan(
             "snapshot_table": snapshot_table,
             "snapshot_at": snapshot_at,
             "target_snapshot": target_snapshot,
+            "estimated_bytes": estimated_bytes,
         },
     )
     if row is None:

@@ -61,6 +61,18 @@ def check_allowed(param: str, value: str | None) -> None:
         )
 
 
+def default_bytes_cap() -> int | None:
+    """The deployment's default for the Param maximum_bytes_billed ([bigquery_backfill] maximum_bytes_billed; unset:
+    no cap)."""
+    from airflow.configuration import conf
+
+    return _optional_int(conf.get(CONFIG_SECTION, "maximum_bytes_billed", fallback="") or None)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The run's conf, already validated by the DAG's Params."""
@@ -78,6 +90,7 @@ class Settings:
     numeric_rounding: str = "reject"
     delete_missing: bool = False
     max_deleted_rows: int = 0
+    maximum_bytes_billed: int | None = None  # None: no cap
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -95,6 +108,7 @@ class Settings:
             numeric_rounding=params.get("numeric_rounding", "reject"),
             delete_missing=bool(params.get("delete_missing", False)),
             max_deleted_rows=int(params.get("max_deleted_rows", 0)),
+            maximum_bytes_billed=_optional_int(params.get("maximum_bytes_billed")),
         )
         # Again here, not only in the Params: a run created under an older configuration must not outlive it.
         for param in ALLOWLISTS:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +24,15 @@ from typing import Any
 import pyarrow as pa
 from airflow.providers.google.common.consts import CLIENT_INFO
 from google.api_core.client_options import ClientOptions
-from google.api_core.exceptions import Conflict, InternalServerError, NotFound, ServiceUnavailable
+from google.api_core.exceptions import (
+    Conflict,
+    Forbidden,
+    InternalServerError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceUnavailable,
+)
 from google.api_core.retry import Retry, if_exception_type
 from google.auth.credentials import Credentials
 from google.cloud import bigquery
@@ -41,12 +52,12 @@ STORAGE_ENDPOINT_EXTRA = "storage_read_endpoint"
 # a day): a blip is absorbed, an outage surfaces within BACKFILL_BIGQUERY_RETRY_SECONDS and Airflow's task
 # retries, with backoff and a log line each, take over.
 CLIENT_RETRY_SECONDS = float(os.environ.get("BACKFILL_BIGQUERY_RETRY_SECONDS", "30"))
-FAST_RETRY = bigquery.DEFAULT_RETRY.with_timeout(CLIENT_RETRY_SECONDS)
+FAST_RETRY = Retry(predicate=lambda exc: _retryable(exc), initial=1.0, maximum=10.0, timeout=CLIENT_RETRY_SECONDS)
 CALL_TIMEOUT = 60.0
 # A query job (the snapshot, counts) that runs longer is cancelled by BigQuery itself (jobTimeoutMs) and fails here.
 JOB_TIMEOUT_SECONDS = float(os.environ.get("BACKFILL_BIGQUERY_JOB_TIMEOUT_SECONDS", "1800"))
 READ_RETRY = Retry(
-    predicate=if_exception_type(ServiceUnavailable, InternalServerError),
+    predicate=if_exception_type(ServiceUnavailable, InternalServerError, ResourceExhausted),
     initial=0.2,
     maximum=5.0,
     timeout=CLIENT_RETRY_SECONDS,
@@ -107,6 +118,48 @@ def job_labels(dag_id: str, model_type: str, tenant_id: str, run_id: str) -> dic
     }
 
 
+# BigQuery: "Number of partitions modified by a single job: 4,000" (quotas page). The snapshot's CTAS writes one
+# partition per chunk, so a run has at most this many chunks.
+MAX_SNAPSHOT_PARTITIONS = 4_000
+
+
+class BigQueryPermissionError(PermissionError):
+    """BigQuery refused a call for want of a permission (accessDenied / PERMISSION_DENIED): a retry cannot help."""
+
+
+class SourceNotTableError(ValueError):
+    """The source is a view or another kind of table that time travel (FOR SYSTEM_TIME AS OF) cannot read."""
+
+
+# Reasons of a 403 that mean "later", not "never": retried by the client with backoff (bounded), then by Airflow.
+RETRIED_REASONS = frozenset({"rateLimitExceeded", "quotaExceeded", "backendError", "internalError", "badGateway"})
+
+
+def error_reason(exc: BaseException) -> str | None:
+    """The `reason` BigQuery's REST API puts in an error (accessDenied, rateLimitExceeded, quotaExceeded, …)."""
+    errors = getattr(exc, "errors", None) or []
+    first = errors[0] if errors else None
+    return first.get("reason") if isinstance(first, dict) else None
+
+
+def _retryable(exc: BaseException) -> bool:
+    return bigquery.DEFAULT_RETRY._predicate(exc) or error_reason(exc) in RETRIED_REASONS
+
+
+@contextmanager
+def needs(step: str, permissions: str) -> Iterator[None]:
+    """Turns BigQuery's refusal of `step` into an error naming the permissions that step needs (README: Permissions);
+    a rate or quota refusal is left as it is, to be retried."""
+    try:
+        yield
+    except Forbidden as exc:  # REST: 403 with a reason; gRPC: PERMISSION_DENIED (a subclass)
+        if not isinstance(exc, PermissionDenied) and error_reason(exc) != "accessDenied":
+            raise
+        raise BigQueryPermissionError(
+            f"BigQuery refused to {step}: {exc.message}. The connection's account needs {permissions}"
+        ) from exc
+
+
 class LocationMismatchError(ValueError):
     """The scratch dataset is not in the source dataset's location."""
 
@@ -129,6 +182,7 @@ class BigQuerySource:
         self.project = project
         self.location: str | None = None  # the source dataset's, once locate() found it: every query job runs there
         self.labels: dict[str, str] = {}  # put on every query job and on the snapshot table (see job_labels)
+        self.maximum_bytes_billed: int | None = None  # put on every query job: BigQuery fails one that would bill more
 
     @classmethod
     def from_connection(cls, gcp_conn_id: str) -> BigQuerySource:
@@ -155,9 +209,16 @@ class BigQuerySource:
     def check_source(self, model: Model, source: TableRef) -> None:
         """Fails early, naming the table, if the source is missing or lacks a column of the model."""
         try:
-            table = self.client.get_table(str(source), retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+            with needs(f"read the metadata of {source}", f"bigquery.tables.get on {source}"):
+                table = self.client.get_table(str(source), retry=FAST_RETRY, timeout=CALL_TIMEOUT)
         except NotFound as exc:
             raise LookupError(f"BigQuery source table {source} not found: {exc.message}") from exc
+        if table.table_type != "TABLE":
+            raise SourceNotTableError(
+                f"BigQuery source {source} is a {table.table_type}, not a table: a backfill reads a snapshot with time "
+                "travel (FOR SYSTEM_TIME AS OF), which only tables have. Point source_table at the table the "
+                f"{table.table_type.lower()} reads (allowed by [bigquery_backfill] allowed_source_tables)"
+            )
         missing = sorted(set(model.column_names) - {f.name for f in table.schema})
         if missing:
             raise LookupError(f"BigQuery source table {source} lacks columns {missing} of model {model.model_type!r}")
@@ -167,16 +228,23 @@ class BigQuerySource:
         missing, unless `create` is false: a dry run only checks one that exists): a query over the source can only
         write a table in its own location. From then on every query job of this client runs in that location. Runs
         no query."""
-        location = self.client.get_dataset(f"{source.project}.{source.dataset}", retry=FAST_RETRY).location or "US"
+        source_dataset = f"{source.project}.{source.dataset}"
+        with needs(f"read dataset {source_dataset}", f"bigquery.datasets.get on dataset {source_dataset}"):
+            location = self.client.get_dataset(source_dataset, retry=FAST_RETRY).location or "US"
+        scratch_needs = (
+            f"bigquery.datasets.get on dataset {self.project}.{scratch_dataset}, and bigquery.datasets.create on "
+            f"project {self.project} while that dataset does not exist"
+        )
         wanted = bigquery.Dataset(f"{self.project}.{scratch_dataset}")
         wanted.location = location
-        if create:
-            scratch = self.client.create_dataset(wanted, exists_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
-        else:
-            try:
-                scratch = self.client.get_dataset(wanted.reference, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
-            except NotFound:
-                scratch = wanted  # would be made in the source's location
+        with needs(f"make or read the scratch dataset {self.project}.{scratch_dataset}", scratch_needs):
+            if create:
+                scratch = self.client.create_dataset(wanted, exists_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+            else:
+                try:
+                    scratch = self.client.get_dataset(wanted.reference, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+                except NotFound:
+                    scratch = wanted  # would be made in the source's location
         if (scratch.location or "US").lower() != location.lower():
             raise LocationMismatchError(
                 f"scratch dataset {self.project}.{scratch_dataset} is in {scratch.location}, the source {source} in "
@@ -190,37 +258,92 @@ class BigQuerySource:
     def now(self) -> datetime:
         return self._scalar("SELECT CURRENT_TIMESTAMP()")
 
-    def new_snapshot(self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime) -> int:
-        """Creates the numbered snapshot as of `as_of`, replacing a table of that name; returns its row count."""
-        self._create_snapshot(model, source, tenant_id, snapshot, as_of, replace=True)
+    def new_snapshot(
+        self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime, chunk_size: int
+    ) -> int:
+        """Creates the numbered snapshot as of `as_of`, one partition per chunk of `chunk_size` rows, replacing a
+        table of that name; returns its row count."""
+        self._create_snapshot(model, source, tenant_id, snapshot, as_of, chunk_size, replace=True)
         log.info("snapshot %s created from %s as of %s", snapshot, source, as_of.isoformat())
         return self._count(snapshot)
 
-    def keep_snapshot(self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime) -> int:
+    def keep_snapshot(
+        self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime, chunk_size: int
+    ) -> int:
         """The job's recorded snapshot: kept if it exists, made again as of the same time if not (dropped by a
         completed run, or expired); returns its row count."""
         try:
-            self._create_snapshot(model, source, tenant_id, snapshot, as_of, replace=False)
+            self._create_snapshot(model, source, tenant_id, snapshot, as_of, chunk_size, replace=False)
             log.info("snapshot %s made again from %s as of %s", snapshot, source, as_of.isoformat())
         except Conflict:
             log.info("snapshot %s already exists (retried or cleared plan): reusing it", snapshot)
         return self._count(snapshot)
 
-    def _create_snapshot(
-        self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime, *, replace: bool
-    ) -> None:
+    def snapshot_query(
+        self,
+        model: Model,
+        source: TableRef,
+        snapshot: TableRef,
+        as_of: datetime,
+        chunk_size: int,
+        *,
+        replace: bool = True,
+    ) -> str:
+        """The DDL that makes the snapshot from snapshot_select.
+
+        Integer-range partitioned on _row_offset, one partition per chunk: a chunk's read session, restricted to its
+        offsets, reads only its own partition, so a backfill reads the snapshot once in total, not once per read. A
+        job may write at most MAX_SNAPSHOT_PARTITIONS partitions; offsets past them would land in one unpartitioned
+        remainder, which plan refuses (check_chunk_count)."""
+        size, end = int(chunk_size), int(chunk_size) * MAX_SNAPSHOT_PARTITIONS
+        # Identifiers: validated TableRef and registry names; sizes are ints; label text is job_labels' own.
+        return (
+            f"CREATE {'OR REPLACE ' if replace else ''}TABLE {snapshot.sql} "
+            f"PARTITION BY RANGE_BUCKET(`{OFFSET_COLUMN}`, GENERATE_ARRAY(0, {end}, {size})) "
+            f"OPTIONS(expiration_timestamp=TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL 7 DAY)"
+            f"{self._label_option()}) AS {self.snapshot_select(model, source, as_of)}"
+        )
+
+    @staticmethod
+    def snapshot_select(model: Model, source: TableRef, as_of: datetime) -> str:
+        """The tenant's rows (bound parameter @tenant_ids, see tenant_param) as of `as_of`, numbered 0..N-1 by the
+        model's full order key: the only query that reads the source table."""
         cols = ", ".join(f"`{c}`" for c in model.column_names)
         order = ", ".join(f"`{c}`" for c in model.order_key)
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
-        query = (
-            f"CREATE {'OR REPLACE ' if replace else ''}TABLE {snapshot.sql} "  # noqa: S608
-            f"OPTIONS(expiration_timestamp=TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL 7 DAY)"
-            f"{self._label_option()}) AS "
-            f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` "
+        return (
+            f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` "  # noqa: S608
             f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
             f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
         )
-        self._run(query, self._tenant_param(tenant_id))
+
+    def estimate_snapshot_bytes(self, model: Model, source: TableRef, tenant_id: str, as_of: datetime) -> int:
+        """BigQuery's dry-run figure for the snapshot query's SELECT (the bytes the snapshot bills are those it
+        reads): what it would process, which on-demand pricing bills (at least 10 MB per table). A dry run is free,
+        runs nothing and needs no scratch dataset."""
+        config = tenant_param(tenant_id)
+        config.dry_run = True
+        config.use_query_cache = False
+        job = self._query(self.snapshot_select(model, source, as_of), config)
+        return int(job.total_bytes_processed or 0)
+
+    def _create_snapshot(
+        self,
+        model: Model,
+        source: TableRef,
+        tenant_id: str,
+        snapshot: TableRef,
+        as_of: datetime,
+        chunk_size: int,
+        *,
+        replace: bool,
+    ) -> None:
+        query = self.snapshot_query(model, source, snapshot, as_of, chunk_size, replace=replace)
+        permissions = (
+            f"bigquery.jobs.create on project {self.project}, bigquery.tables.getData on {source}, and "
+            f"bigquery.tables.create, bigquery.tables.updateData on dataset {snapshot.project}.{snapshot.dataset}"
+        )
+        self._run(query, tenant_param(tenant_id), (f"make the snapshot {snapshot} from {source}", permissions))
 
     def _label_option(self) -> str:
         # label keys and values are job_labels' own: lower-case letters, digits, '_' and '-' only
@@ -231,10 +354,20 @@ class BigQuerySource:
         return int(self._scalar(f"SELECT COUNT(*) AS n FROM {table.sql}"))  # noqa: S608
 
     def read_rows(self, snapshot: TableRef, start: int, end: int, columns: list[str] | None = None) -> pa.Table:
-        """Rows with start <= _row_offset < end, as one Arrow table."""
+        """Rows with start <= _row_offset < end, as one Arrow table (in no particular order)."""
+        return pa.Table.from_batches(list(self.read_chunk(snapshot, start, end, columns or [])))
+
+    def read_chunk(
+        self, snapshot: TableRef, start: int, end: int, columns: list[str], streams: int = 1
+    ) -> Iterator[pa.RecordBatch]:
+        """The batches of rows start <= _row_offset < end, from one read session of up to `streams` streams read
+        side by side, in whatever order BigQuery sends them. On the partitioned snapshot the restriction prunes the
+        read to the chunk's own partition (see new_snapshot)."""
         restriction = f"`{OFFSET_COLUMN}` >= {int(start)} AND `{OFFSET_COLUMN}` < {int(end)}"
-        schema, batches = self._read(snapshot, restriction, columns or [])
-        return pa.Table.from_batches(list(batches), schema=schema)
+        schema, names = self._session(snapshot, restriction, columns, streams)
+        if len(names) == 1:
+            return self._stream(names[0], schema)
+        return _merged([self._stream(name, schema) for name in names])
 
     def read_tenant_keys(self, model: Model, source: TableRef, tenant_id: str) -> Iterator[pa.RecordBatch]:
         """The key columns of the tenant's rows in the source as it is now, a batch at a time (a dry run's look at
@@ -248,44 +381,110 @@ class BigQuerySource:
     def _read(
         self, table: TableRef, restriction: str, columns: list[str]
     ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-        session = self.read_client.create_read_session(
-            parent=f"projects/{self.project}",
-            read_session=types.ReadSession(
-                table=table.storage_path,
-                data_format=types.DataFormat.ARROW,
-                read_options=types.ReadSession.TableReadOptions(selected_fields=columns, row_restriction=restriction),
-            ),
-            max_stream_count=1,
-            retry=READ_RETRY,
-            timeout=CALL_TIMEOUT,
-        )
+        schema, names = self._session(table, restriction, columns, 1)
+        return schema, (batch for name in names for batch in self._stream(name, schema))
+
+    def _session(
+        self, table: TableRef, restriction: str, columns: list[str], streams: int
+    ) -> tuple[pa.Schema, list[str]]:
+        permissions = f"bigquery.readsessions.create on project {self.project} and bigquery.tables.getData on {table}"
+        with needs(f"open a read session on {table}", permissions):
+            session = self.read_client.create_read_session(
+                parent=f"projects/{self.project}",
+                read_session=types.ReadSession(
+                    table=table.storage_path,
+                    data_format=types.DataFormat.ARROW,
+                    read_options=types.ReadSession.TableReadOptions(
+                        selected_fields=columns, row_restriction=restriction
+                    ),
+                ),
+                max_stream_count=streams,
+                retry=READ_RETRY,
+                timeout=CALL_TIMEOUT,
+            )
         schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
-        batches = (
-            pa.ipc.read_record_batch(pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
-            for stream in session.streams
-            for response in self.read_client.read_rows(stream.name, retry=READ_RETRY, timeout=10 * CALL_TIMEOUT)
-        )
-        return schema, batches
+        return schema, [stream.name for stream in session.streams]
+
+    def _stream(self, name: str, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+        with needs("read a read session's stream", f"bigquery.readsessions.getData on project {self.project}"):
+            for response in self.read_client.read_rows(name, retry=READ_RETRY, timeout=10 * CALL_TIMEOUT):
+                batch = response.arrow_record_batch.serialized_record_batch
+                yield pa.ipc.read_record_batch(pa.py_buffer(batch), schema)
 
     def drop_snapshot(self, snapshot: TableRef) -> None:
-        self.client.delete_table(str(snapshot), not_found_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+        with needs(f"drop {snapshot}", f"bigquery.tables.delete on dataset {snapshot.project}.{snapshot.dataset}"):
+            self.client.delete_table(str(snapshot), not_found_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
 
-    def _run(self, query: str, config: bigquery.QueryJobConfig | None = None) -> bigquery.table.RowIterator:
+    def _query(
+        self, query: str, config: bigquery.QueryJobConfig | None = None, step: tuple[str, str] | None = None
+    ) -> bigquery.QueryJob:
+        """Starts a query job; `step` is (what it does, the permissions it needs) for an access-denied error."""
         config = config or bigquery.QueryJobConfig()
         config.job_timeout_ms = int(JOB_TIMEOUT_SECONDS * 1000)
         config.labels = dict(self.labels)
-        job = self.client.query(query, job_config=config, retry=FAST_RETRY, location=self.location)
-        return job.result(retry=FAST_RETRY, timeout=JOB_TIMEOUT_SECONDS + CALL_TIMEOUT)
+        if self.maximum_bytes_billed is not None:
+            config.maximum_bytes_billed = self.maximum_bytes_billed
+        with needs(*(step or ("run a query job", f"bigquery.jobs.create on project {self.project}"))):
+            return self.client.query(query, job_config=config, retry=FAST_RETRY, location=self.location)
+
+    def _run(
+        self, query: str, config: bigquery.QueryJobConfig | None = None, step: tuple[str, str] | None = None
+    ) -> bigquery.table.RowIterator:
+        job = self._query(query, config, step)
+        with needs(*(step or ("run a query job", f"bigquery.jobs.create on project {self.project}"))):
+            return job.result(retry=FAST_RETRY, timeout=JOB_TIMEOUT_SECONDS + CALL_TIMEOUT)
 
     def _scalar(self, query: str, config: bigquery.QueryJobConfig | None = None) -> Any:
         return next(iter(self._run(query, config)))[0]
 
-    @staticmethod
-    def _tenant_param(tenant_id: str) -> bigquery.QueryJobConfig:
-        # A uuid is the same tenant in either letter case (Postgres's uuid type agrees); sources store one or the
-        # other. Equality on the column itself (no LOWER()) keeps a clustered source's blocks pruned.
-        forms = list(dict.fromkeys([tenant_id.lower(), tenant_id.upper()]))
-        return bigquery.QueryJobConfig(query_parameters=[bigquery.ArrayQueryParameter("tenant_ids", "STRING", forms)])
+
+def tenant_param(tenant_id: str) -> bigquery.QueryJobConfig:
+    # A uuid is the same tenant in either letter case (Postgres's uuid type agrees); sources store one or the
+    # other. Equality on the column itself (no LOWER()) keeps a clustered source's blocks pruned.
+    forms = list(dict.fromkeys([tenant_id.lower(), tenant_id.upper()]))
+    return bigquery.QueryJobConfig(query_parameters=[bigquery.ArrayQueryParameter("tenant_ids", "STRING", forms)])
+
+
+def _merged(streams: list[Iterator[pa.RecordBatch]]) -> Iterator[pa.RecordBatch]:
+    """Batches of several streams, each read by a thread of its own, in the order they arrive. A bounded queue keeps
+    readers at most a few batches ahead of the consumer; they stop when the consumer does."""
+    done = object()
+    out: queue.Queue[Any] = queue.Queue(maxsize=2 * len(streams))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump(stream: Iterator[pa.RecordBatch]) -> None:
+        try:
+            for batch in stream:
+                if not put(batch):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    threads = [threading.Thread(target=pump, args=(s,), daemon=True, name="bq-stream") for s in streams]
+    for t in threads:
+        t.start()
+    try:
+        finished = 0
+        while finished < len(streams):
+            item = out.get()
+            if item is done:
+                finished += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
 
 
 def make_read_client(credentials: Credentials, plaintext_endpoint: str | None) -> BigQueryReadClient:

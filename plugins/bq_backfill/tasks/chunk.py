@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
-from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import psycopg
 import pyarrow as pa
 
-from bq_backfill import ledger, range_proofs, sink, target_rows
+from bq_backfill import ledger, range_proofs, sink, slicing, target_rows
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import PermanentChunkError, SourceReadError
 from bq_backfill.settings import Settings
@@ -33,8 +35,17 @@ def slice_rows() -> int:
     return value
 
 
-# Slices read ahead at once, each by its own reader thread: while one waits on BigQuery, the others validate and
-# digest (3 measured faster than 1 or 2 when nothing needs writing; each slice in flight holds its rows in memory).
+def read_streams() -> int:
+    """Streams of a chunk's read session read side by side (BACKFILL_READ_STREAMS, default 1): BigQuery may give
+    fewer. One stream already runs ahead of the writer; more help when BigQuery, not Postgres, is the slow side."""
+    value = int(os.environ.get("BACKFILL_READ_STREAMS", "1"))
+    if value < 1:
+        raise ValueError(f"BACKFILL_READ_STREAMS must be a positive number of streams, not {value}")
+    return value
+
+
+# Slices validated and digested at once, each by a thread of its own, while the writer writes an earlier one (3
+# measured faster than 1 or 2 when nothing needs writing; each slice in flight holds its rows in memory).
 READERS = 3
 
 
@@ -47,16 +58,15 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     # keeps a chunk task about 15 MB smaller (bench --rss-only). Each task runs in a process of its own.
     pa.set_memory_pool(pa.system_memory_pool())
     bq = bigquery(s.gcp_conn_id)
-    # A chunk is one transaction, read and written a slice at a time: memory follows the slice, not the chunk,
-    # and the next slices are read from BigQuery, validated and digested while this one is written to Postgres.
+    # A chunk is one transaction, read with one Storage Read session and written a slice at a time: memory follows
+    # the slice, not the chunk, and the next slices are read, validated and digested while this one is written.
     step = slice_rows()
-    slices = [(lo, min(lo + step, end)) for lo in range(start, end, step)]
     counts = dict.fromkeys(("read", "inserted", "updated", "unchanged", "duplicate", "rejected", "rounded"), 0)
     paths: list[str] = []
     read_seconds = write_seconds = 0.0
     t0 = time.monotonic()
     try:
-        with postgres(s.postgres_conn_id) as conn, ThreadPoolExecutor(READERS, thread_name_prefix="bq-read") as reader:
+        with ExitStack() as stack, postgres(s.postgres_conn_id) as conn:
             # shows in pg_stat_activity which chunk (and which worker process) a session belongs to
             conn.execute(
                 "SELECT set_config('application_name', %s, true)",
@@ -69,14 +79,14 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
             job = ledger.find_job_by_id(conn, job_id)
             ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)  # older data never over newer
             assert job.snapshot_table is not None
-            read = partial(_read_slice, bq, s, bq.table(job.snapshot_table), label)
-            ahead = deque(reader.submit(read, *sl) for sl in slices[:READERS])
-            for n in range(len(slices)):
+            snapshot = bq.table(job.snapshot_table)
+            pieces = stack.enter_context(closing(_prepared_slices(bq, s, snapshot, label, start, end, step)))
+            while True:
                 waited = time.monotonic()
-                piece = ahead.popleft().result()
+                piece = next(pieces, None)
                 read_seconds += time.monotonic() - waited
-                if n + READERS < len(slices):
-                    ahead.append(reader.submit(read, *slices[n + READERS]))
+                if piece is None:
+                    break
                 written = time.monotonic()
                 rejected = sink.quarantine(conn, job_id, index, piece.rejected)
                 digest = piece.digest
@@ -127,30 +137,65 @@ class Slice:
     distinct: int  # distinct keys among the good rows, counted here (the write path counts what it wrote)
 
 
-def _read_slice(bq: BigQuerySource, s: Settings, snapshot: TableRef, label: str, lo: int, hi: int) -> Slice:
-    """One slice of a chunk, read, validated, with its key range and digest: all of it done by the chunk's reader
-    thread."""
+def _prepared_slices(
+    bq: BigQuerySource, s: Settings, snapshot: TableRef, label: str, start: int, end: int, step: int
+) -> Iterator[Slice]:
+    """The chunk's slices, validated, with key range and digest, in the order their rows arrive. A thread reads
+    the chunk's one read session and cuts it into slices; READERS threads prepare them; at most READERS slices wait
+    for the writer, so a slow Postgres holds the reader back instead of filling memory."""
+    columns = [*s.model.column_names, sink.OFFSET_COLUMN]
+    done = object()
+    ready: queue.Queue[Any] = queue.Queue(maxsize=READERS)
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def read(pool: ThreadPoolExecutor) -> None:
+        try:
+            batches = bq.read_chunk(snapshot, start, end, columns, read_streams())
+            for rows in slicing.complete_slices(batches, start, end, step, sink.OFFSET_COLUMN):
+                if stop.is_set():
+                    return
+                put(pool.submit(_prepare, s, rows))
+            put(done)
+        except Exception as exc:  # raised in the writer's thread, with this one as its cause
+            put(exc)
+
+    with ThreadPoolExecutor(READERS, thread_name_prefix="slice") as pool:
+        reader = threading.Thread(target=read, args=(pool,), name="bq-read", daemon=True)
+        reader.start()
+        try:
+            while (item := ready.get()) is not done:
+                if isinstance(item, Exception):
+                    raise SourceReadError(
+                        f"{label}: BigQuery read of {snapshot} rows [{start}, {end}) through connection "
+                        f"{s.gcp_conn_id!r} failed: {item}"
+                    ) from item
+                yield item.result()
+        finally:
+            stop.set()  # the reader stops at its next slice; it is not waited for
+
+
+def _prepare(s: Settings, rows: slicing.RowSlice) -> Slice:
+    """One slice of a chunk, validated, with its key range and digest: done by a reader thread."""
     model = s.model
-    try:
-        rows = bq.read_rows(snapshot, lo, hi, [*model.column_names, sink.OFFSET_COLUMN])
-    except Exception as exc:
-        raise SourceReadError(
-            f"{label}: BigQuery read of {snapshot} rows [{lo}, {hi}) through connection {s.gcp_conn_id!r} failed: {exc}"
-        ) from exc
-    if rows.num_rows != hi - lo:
-        raise RuntimeError(
-            f"{label}: snapshot {snapshot} returned {rows.num_rows} rows for [{lo}, {hi}), expected {hi - lo}"
-        )
-    checked = split_invalid(model, rows, sink.OFFSET_COLUMN, s.numeric_rounding)
+    checked = split_invalid(model, rows.rows, sink.OFFSET_COLUMN, s.numeric_rounding)
     good = checked.good
+    read = rows.rows.num_rows
     if not good.num_rows:
-        return Slice(rows.num_rows, good, checked.rejected, checked.rounded, None, None, 0)
+        return Slice(read, good, checked.rejected, checked.rounded, None, None, 0)
     keys = target_rows.key_range(model, good)
     distinct = good.num_rows
     if keys.duplicates:
         distinct = good.group_by(list(model.conflict_key[1:])).aggregate([]).num_rows
     digest = range_proofs.digest(model, good)
-    return Slice(rows.num_rows, good, checked.rejected, checked.rounded, keys, digest, distinct)
+    return Slice(read, good, checked.rejected, checked.rounded, keys, digest, distinct)
 
 
 def _tally(counts: dict[str, int], piece: Slice, rejected: int, landed: sink.Landed, paths: list[str]) -> None:

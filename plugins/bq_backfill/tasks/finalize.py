@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 
-from bq_backfill import deletions, ledger, range_proofs, sink
+from bq_backfill import deletions, ledger, range_proofs, sink, slicing
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import ReconciliationError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
@@ -64,26 +64,32 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
     bq = bigquery(s.gcp_conn_id)
     snapshot = bq.table(job.snapshot_table)
     if not problems:
-        # Every key of the snapshot must be in the target: checked 100,000 offsets at a time (bounded memory),
-        # two ranges at once (read-only, each on its own connection: both cores busy).
-        def missing_in(lo: int) -> tuple[int, int | None, dict | None, dict | None]:
+        # Every key of the snapshot must be in the target: read with one read session per chunk (its own partition:
+        # the snapshot's key columns are read once in all), checked 100,000 offsets at a time (bounded memory), two
+        # chunks at once (read-only, each on its own connection: both cores busy).
+        def check(rows: slicing.RowSlice) -> tuple[int, tuple[int, int | None, dict | None, dict | None]]:
             """Keys of [lo, hi) absent from the target; and the range's distinct keys, first and last key."""
-            hi = min(lo + KEY_CHECK_ROWS, job.total_records)
-            keys = bq.read_rows(snapshot, lo, hi, [*model.conflict_key[1:], sink.OFFSET_COLUMN])
-            if keys.num_rows != hi - lo:
-                raise ReconciliationError(
-                    f"job {job.id}: snapshot {snapshot} gave {keys.num_rows} keys for offsets [{lo}, {hi}), "
-                    f"expected {hi - lo}: the snapshot changed since the chunks read it"
-                )
-            ordered = keys.sort_by(sink.OFFSET_COLUMN)  # offsets follow the order key; streams need not
+            ordered = rows.rows  # in offset order, so in the order key's
             ends = ordered.select(list(model.conflict_key[1:]))
             first, last = ends.slice(0, 1).to_pylist()[0], ends.slice(len(ends) - 1).to_pylist()[0]
             distinct = deletions.distinct_sorted_keys(model, ordered)
             with postgres(s.postgres_conn_id) as conn:
-                return sink.missing_keys(conn, model, s.tenant_id, job.id, ordered), distinct, first, last
+                return rows.lo, (sink.missing_keys(conn, model, s.tenant_id, job.id, ordered), distinct, first, last)
 
+        def check_chunk(lo: int) -> list[tuple[int, tuple[int, int | None, dict | None, dict | None]]]:
+            hi = min(lo + chunk_size, total)
+            batches = bq.read_chunk(snapshot, lo, hi, [*model.conflict_key[1:], sink.OFFSET_COLUMN])
+            try:
+                return [check(r) for r in slicing.complete_slices(batches, lo, hi, KEY_CHECK_ROWS, sink.OFFSET_COLUMN)]
+            except slicing.SnapshotReadError as exc:
+                raise ReconciliationError(
+                    f"job {job.id}: snapshot {snapshot}: {exc}: the snapshot changed since the chunks read it"
+                ) from exc
+
+        total, chunk_size = job.total_records, job.chunk_size or job.total_records or 1
         with ThreadPoolExecutor(2, thread_name_prefix="key-check") as pool:
-            ranges = list(pool.map(missing_in, range(0, job.total_records, KEY_CHECK_ROWS)))
+            checked = [r for part in pool.map(check_chunk, range(0, total, chunk_size)) for r in part]
+        ranges = [result for _, result in sorted(checked, key=lambda r: r[0])]
         missing = sum(r[0] for r in ranges)
         snapshot_keys = _distinct_keys(ranges)
         if missing:
@@ -178,7 +184,7 @@ def _missing_from_source(
         return None, 0
     if rejected == 0 and snapshot_keys is not None and deletions.tenant_rows(conn, model, s.tenant_id) == snapshot_keys:
         return 0, 0
-    deletions.load_snapshot_keys(conn, model, bq, snapshot, job.total_records, KEY_CHECK_ROWS)
+    deletions.load_snapshot_keys(conn, model, bq, snapshot, job.total_records, job.chunk_size or job.total_records or 1)
     gone, later = deletions.count_missing(conn, model, s.tenant_id, job.target_snapshot)
     log.info(
         "%d target rows of tenant %s have a key that is not in the source (deleted there since an earlier sync)%s",

@@ -11,10 +11,10 @@ import pyarrow as pa
 
 from bq_backfill import deletions, ledger
 from bq_backfill.connections import bigquery, postgres, source_table
-from bq_backfill.errors import EmptySourceError
+from bq_backfill.errors import BytesCapError, EmptySourceError
 from bq_backfill.ledger import RunKey
 from bq_backfill.settings import Settings
-from bq_backfill.source import BigQuerySource, TableRef, job_labels, snapshot_name
+from bq_backfill.source import MAX_SNAPSHOT_PARTITIONS, BigQuerySource, TableRef, job_labels, snapshot_name
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,12 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
     model = s.model
     bq = bigquery(s.gcp_conn_id)
     bq.labels = job_labels(run.dag_id, s.model_type, s.tenant_id, run.run_id)
+    bq.maximum_bytes_billed = s.maximum_bytes_billed
     source = source_table(s, bq)
     if s.dry_run:
         bq.locate(source, s.scratch_dataset, create=False)
+        estimate = bq.estimate_snapshot_bytes(model, source, s.tenant_id, bq.now())
+        log.info("dry run: %s", _bytes_line(estimate, s.maximum_bytes_billed))
         # One read of the tenant's key columns, streamed into a temp table (gone with the transaction: nothing
         # written), gives both its row count and what the target holds beyond it.
         read = [0]
@@ -78,7 +81,7 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
             log.info("run already planned with chunk_size %d: keeping it", job.chunk_size)
         snapshot = bq.table(job.snapshot_table)
         bq.locate(source, snapshot.dataset)
-        total = bq.keep_snapshot(s.model, source, s.tenant_id, snapshot, job.snapshot_at)
+        total = bq.keep_snapshot(s.model, source, s.tenant_id, snapshot, job.snapshot_at, job.chunk_size)
         if total != job.total_records:
             raise RuntimeError(f"snapshot {snapshot} now has {total} rows but job {job.id} planned {job.total_records}")
     assert job.total_records is not None and job.chunk_size is not None
@@ -110,9 +113,12 @@ def _take_snapshot(
     with postgres(s.postgres_conn_id) as conn:  # taken first: a row written after it is after the as-of time too
         target_snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
     as_of = bq.now()
+    estimate = bq.estimate_snapshot_bytes(s.model, source, s.tenant_id, as_of)
+    log.info("%s", _bytes_line(estimate, s.maximum_bytes_billed))
+    _check_bytes(estimate, s.maximum_bytes_billed, source)
     started = time.monotonic()
     # Replaces a table of that name left by an earlier attempt: its as-of time was never recorded, so it is not used.
-    total = bq.new_snapshot(s.model, source, s.tenant_id, snapshot, as_of)
+    total = bq.new_snapshot(s.model, source, s.tenant_id, snapshot, as_of, s.chunk_size)
     log.info(
         "snapshot %s: %d rows of tenant %s as of %s (%.1f s)",
         snapshot,
@@ -139,6 +145,7 @@ def _take_snapshot(
                 snapshot_table=str(snapshot),
                 snapshot_at=as_of,
                 target_snapshot=target_snapshot,
+                estimated_bytes=estimate,
             )
     except BaseException:
         bq.drop_snapshot(snapshot)  # no job refers to it: nothing else would ever drop it
@@ -147,9 +154,38 @@ def _take_snapshot(
 
 def _check_chunk_count(total: int, chunk_size: int, max_map_length: int) -> None:
     chunks = -(-total // chunk_size)
-    if chunks > max_map_length:
-        need = -(-total // max_map_length)
+    limit, what = max_map_length, "[core] max_map_length"
+    if MAX_SNAPSHOT_PARTITIONS < limit:
+        limit, what = MAX_SNAPSHOT_PARTITIONS, "BigQuery's limit of partitions one job writes (one per chunk)"
+    if chunks > limit:
+        need = -(-total // limit)
         raise ValueError(
-            f"{total} rows in chunks of {chunk_size} make {chunks} chunks, over [core] max_map_length "
-            f"({max_map_length}): trigger again with chunk_size >= {need}"
+            f"{total} rows in chunks of {chunk_size} make {chunks} chunks, over {what} ({limit}): trigger again "
+            f"with chunk_size >= {need}"
         )
+
+
+def _bytes_line(estimate: int, cap: int | None) -> str:
+    verdict = "no cap (maximum_bytes_billed)" if cap is None else f"cap maximum_bytes_billed {cap:,}"
+    if cap is not None and estimate > cap:
+        verdict += ": the run would be refused"
+    return f"BigQuery estimates the snapshot query at {estimate:,} bytes processed ({_human(estimate)}); {verdict}"
+
+
+def _check_bytes(estimate: int, cap: int | None, source: TableRef) -> None:
+    """Refuses, before anything is billed, a snapshot whose query BigQuery estimates above the cap."""
+    if cap is not None and estimate > cap:
+        raise BytesCapError(
+            f"the snapshot query over {source} would process {estimate:,} bytes ({_human(estimate)}, BigQuery's "
+            f"dry-run estimate), over maximum_bytes_billed {cap:,} ({_human(cap)}): nothing was billed. Trigger "
+            "again with a larger maximum_bytes_billed if that cost is expected"
+        )
+
+
+def _human(n: int) -> str:
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{size:.1f} {unit}"
