@@ -5,7 +5,7 @@ VENV ?= .venv
 EMU_VENV ?= .venv-bqemulator
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: test lint install demo bench clean
+.PHONY: test lint install demo up bench clean
 
 install: $(VENV)/.installed $(EMU_VENV)/.installed
 
@@ -33,6 +33,10 @@ clean:
 # The stuck tenant (207 jobs, 2% synced) and its fix by one DAG run under a real Airflow, on local services.
 demo: install
 	$(VENV)/bin/python -m devtools.demo
+
+# The demo's services, left running until Ctrl-C: prints the Airflow UI's address, user and password.
+up: install
+	$(VENV)/bin/python -m devtools.up
 
 # Throughput benchmark (see README "Performance"): ~12 minutes, prints a table, writes bench/results/.
 bench: install

@@ -21,12 +21,14 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 from bq_backfill.models import MODELS
 from bq_backfill.settings import NUMERIC_ROUNDING, allowed, allowlisted_param, default_bytes_cap
 
 POOL = "bigquery_backfill_postgres"
+# finalize emits the target table's asset event through this alias: the table's URI depends on the run's connection
+TARGETS = AssetAlias("bigquery_backfill_targets")
 # No task waits forever: past this, Airflow stops it (a chunk is then retried like any transient failure).
 TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("BACKFILL_TASK_TIMEOUT_MINUTES", "60")))
 _TABLE = r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
@@ -168,8 +170,11 @@ def bigquery_backfill():
                 raise  # Airflow retries with backoff
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc  # fix the cause, then clear
 
-    @task(trigger_rule="all_done")  # also after a failed or killed chunk: the job must not stay `running`
-    def finalize() -> dict[str, int]:
+    # also after a failed or killed chunk: the job must not stay `running`. A completed run (only) emits an asset
+    # event on the model's target table, through the alias (the table's URI depends on the run's connection).
+    @task(trigger_rule="all_done", outlets=[TARGETS])
+    def finalize() -> dict:
+        from bq_backfill.assets import event_extra
         from bq_backfill.tasks.finalize import finalize as run
 
         ctx = get_current_context()
@@ -177,7 +182,12 @@ def bigquery_backfill():
             dag_id=ctx["dag"].dag_id, run_ids=[ctx["run_id"]], task_ids=["cleanup_stale_jobs", "plan_chunks"]
         )
         not_done = sorted(f"{t} {st}" for t, st in states.get(ctx["run_id"], {}).items() if st != "success")
-        return run(_settings(), _run(), not_done)
+        s = _settings()
+        result = run(s, _run(), not_done)
+        if result.get("asset_uri"):
+            extra = event_extra(result, s.tenant_id, s.model_type, result["job_id"])
+            ctx["outlet_events"][TARGETS].add(Asset(result["asset_uri"]), extra=extra)
+        return result
 
     planned = plan_chunks()
     cleanup_stale_jobs() >> planned

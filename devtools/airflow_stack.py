@@ -30,6 +30,7 @@ class AirflowStack:
         self.base = f"http://127.0.0.1:{port}"
         self.procs: list[subprocess.Popen] = []
         self.client: httpx.Client | None = None
+        self.token = ""  # the admin user's JWT, once healthy
 
     def airflow(self, *args: str) -> str:
         out = subprocess.run(
@@ -82,10 +83,9 @@ class AirflowStack:
         password = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
         token = httpx.post(f"{self.base}/auth/token", json={"username": "admin", "password": password}, timeout=10)
         token.raise_for_status()
+        self.token = token.json()["access_token"]
         self.client = httpx.Client(
-            base_url=f"{self.base}/api/v2",
-            headers={"Authorization": f"Bearer {token.json()['access_token']}"},
-            timeout=30,
+            base_url=f"{self.base}/api/v2", headers={"Authorization": f"Bearer {self.token}"}, timeout=30
         )
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -129,9 +129,10 @@ class AirflowStack:
 
 @contextmanager
 def airflow_stack(
-    home: Path, port: int, pg_admin: str, meta_db: str, extra_env: dict[str, str]
+    home: Path, port: int, pg_admin: str, meta_db: str, extra_env: dict[str, str], dags_folder: Path | None = None
 ) -> Iterator[AirflowStack]:
-    """Starts api-server, scheduler and dag-processor with metadata in a fresh database `meta_db`."""
+    """Starts api-server, scheduler and dag-processor with metadata in a fresh database `meta_db`, on the project's
+    dags/ (or `dags_folder`)."""
     meta_dsn = services.recreate_database(pg_admin, meta_db)
     env = {
         **os.environ,
@@ -140,7 +141,7 @@ def airflow_stack(
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": services.sqlalchemy_url(meta_dsn),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder or ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__API__HOST": "127.0.0.1",

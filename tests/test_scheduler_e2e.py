@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 import psycopg
 import pytest
-from helpers import chunks, conf, jobs, stall_first_write, wait_for_stalled_chunk
+from browser import logged_in_page
+from helpers import ROOT, chunks, conf, jobs, stall_first_write, wait_for_stalled_chunk
 from test_resume import POISON, poison_trigger
 
 from bq_backfill import ledger
@@ -24,14 +28,63 @@ ACTIVE = (
 )
 
 
+DOWNSTREAM = "after_backfill"
+# A DAG of another team, scheduled on the target table's Asset: it starts after each completed backfill.
+DOWNSTREAM_DAG = """
+from airflow.sdk import Asset, dag, task
+
+
+@dag(dag_id="after_backfill", schedule=[Asset({uri!r})], catchup=False)
+def after_backfill():
+    @task
+    def report():
+        pass
+
+    report()
+
+
+after_backfill()
+"""
+
+
+def target_asset_uri(dsn: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    host = info.get("host", "localhost")
+    host = "localhost" if host.startswith("/") else host
+    return f"postgres://{host}:{info.get('port', 5432)}/{info['dbname']}/public/inventory_movements"
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, bq_emulator, pg_admin, pg_server):
     env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
     env["BACKFILL_CHUNK_RETRIES"] = "0"  # a killed chunk fails for good here: the test clears it by hand
     home = tmp_path_factory.mktemp("airflow")
-    with airflow_stack(home, services.free_port(), pg_admin, f"bq_backfill_airflow_{os.getpid()}", env) as running:
+    dags = tmp_path_factory.mktemp("dags")
+    for path in (ROOT / "dags").glob("*.py"):
+        (dags / path.name).symlink_to(path)
+    (dags / "after_backfill.py").write_text(DOWNSTREAM_DAG.format(uri=target_asset_uri(pg_server)))
+    meta_db = f"bq_backfill_airflow_{os.getpid()}"
+    with airflow_stack(home, services.free_port(), pg_admin, meta_db, env, dags_folder=dags) as running:
         running.wait_for_dag(DAG)
+        running.wait_for_dag(DOWNSTREAM)
         yield running
+
+
+def asset_events(stack) -> list[dict]:
+    return stack.api("GET", "/assets/events", params={"source_dag_id": DAG, "limit": 100})["asset_events"]
+
+
+def downstream_runs(stack) -> list[dict]:
+    return stack.api("GET", f"/dags/{DOWNSTREAM}/dagRuns", params={"limit": 100})["dag_runs"]
+
+
+def wait_for(condition, timeout: float = 90, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(1)
+    raise AssertionError(f"{what}: not after {timeout} s")
 
 
 def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, pg_server, bq, stack):
@@ -56,6 +109,7 @@ def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, pg_server, bq, sta
     assert states[("load_chunk", 1)] == "failed" and states[("finalize", -1)] == "failed"
     [job] = jobs(pg)
     assert job["status"] == "failed" and "refusing product" in job["error_message"]
+    assert asset_events(stack) == [] and downstream_runs(stack) == []  # a failed run tells nobody it landed
     done_before = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"]) if c["status"] == "done"}
     assert sorted(done_before) == [0, 2, 3, 4, 5]
 
@@ -82,6 +136,20 @@ def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, pg_server, bq, sta
     after = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"])}
     assert all(after[i] == done_before[i] for i in done_before)  # finished chunks were not redone
     assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+    # the completed run emitted one event on the target table's Asset; the DAG scheduled on it started
+    [event] = asset_events(stack)
+    assert event["uri"] == target_asset_uri(pg_server) and event["source_run_id"] == run_a
+    assert event["extra"] == {
+        "tenant_id": SEED_TENANT,
+        "model_type": "inventory",
+        "job_id": job["id"],
+        "inserted": 3_000,
+        "updated": 0,
+        "unchanged": 0,
+        "rejected": 0,
+    }
+    [downstream] = wait_for(lambda: downstream_runs(stack), what="a run of the DAG scheduled on the target")
+    assert downstream["run_type"] == "asset_triggered"
 
     # 3. two triggers at once: the second waits queued until the first ends; never two active jobs
     run_b, run_c = stack.trigger(DAG, run_conf), stack.trigger(DAG, run_conf)
@@ -103,7 +171,9 @@ def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, pg_server, bq, sta
     watch.close()
 
 
-def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_finishes(pg, pg_server, bq, stack):
+def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_finishes(
+    pg, pg_server, bq, stack, tmp_path
+):
     source = inventory_rows(SEED_TENANT, 3_000)
     create_source(bq, source)
     ledger.apply_schema(pg)
@@ -112,6 +182,17 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
     watch = psycopg.connect(pg_server, autocommit=True)
     stalled = wait_for_stalled_chunk(watch, timeout=120)
     assert stalled, "the stalled chunk never showed up"
+    shots = Path(os.environ.get("BACKFILL_SCREENSHOTS_DIR") or tmp_path)
+    with logged_in_page(stack) as page:  # the Backfills page while a chunk is being written
+        page.goto(f"{stack.base}/backfills/")
+        try:
+            page.wait_for_selector("tr[data-job] .status.running", timeout=20_000)
+        except Exception as exc:
+            raise AssertionError(page.inner_text("body")[:3000]) from exc
+        row = page.locator("tr[data-job]").first.inner_text()
+        assert SEED_TENANT in row and "running" in row
+        assert "refreshing every 3 s" in page.inner_text("#refresh")
+        page.screenshot(path=str(shots / "backfills-running.png"), full_page=True)
     backend, app = stalled
     worker_pid = int(app.rsplit(" ", 1)[1])
     os.kill(worker_pid, signal.SIGKILL)  # the task process dies in the middle of its upsert
@@ -142,3 +223,27 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
     assert job["status"] == "completed" and job["processed_records"] == job["total_records"] == 3_000
     assert target_rows(pg, SEED_TENANT) == as_tuples(source)
     watch.close()
+    with logged_in_page(stack) as page:  # and after: completed, every chunk done, a link to the run's grid
+        page.goto(f"{stack.base}/backfills/?tenant_id={SEED_TENANT}")
+        page.wait_for_selector(f"tr[data-job='{job['id']}'] .status.completed")
+        row = page.locator(f"tr[data-job='{job['id']}']")
+        assert "3,000 / 3,000" in row.inner_text() and "6 / 6" in row.inner_text()
+        assert row.locator("a").get_attribute("href") == f"/dags/{DAG}/runs/{quote(run_id, safe='')}"
+        page.screenshot(path=str(shots / "backfills-completed.png"), full_page=True)
+
+
+def test_the_backfills_page_is_only_served_to_logged_in_users(pg, stack):
+    for path in ("/backfills/", "/backfills/api/jobs"):
+        for cookies in ({}, {"_token": "not-a-token"}):  # anonymous, and a forged session
+            refused = httpx.get(f"{stack.base}{path}", cookies=cookies, timeout=10)
+            assert refused.status_code in (401, 403), (path, cookies, refused.status_code)
+            assert "Backfills" not in refused.text and "jobs" not in refused.text
+    ok = httpx.get(f"{stack.base}/backfills/api/jobs", headers={"Authorization": f"Bearer {stack.token}"}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["dag_id"] == DAG
+    bad = httpx.get(
+        f"{stack.base}/backfills/api/jobs",
+        params={"conn_id": "postgres_admin"},
+        headers={"Authorization": f"Bearer {stack.token}"},
+        timeout=10,
+    )
+    assert bad.status_code == 400 and "not one of" in bad.text  # only connections the deployment allows

@@ -8,6 +8,7 @@ chunk. Every offset of the chunk must arrive exactly once, or the read fails nam
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -41,16 +42,20 @@ def complete_slices(
     for batch in batches:
         if not batch.num_rows:
             continue
-        offsets = batch.column(offset_column).to_numpy(zero_copy_only=False)
+        table = pa.Table.from_batches([batch])
+        offsets = table.column(offset_column).to_numpy()
         if offsets.min() < start or offsets.max() >= end:
             raise SnapshotReadError(f"read of rows [{start}, {end}) returned offsets {offsets.min()}..{offsets.max()}")
+        if np.any(np.diff(offsets) < 0):  # out of order: one sort, then cut as below
+            order = np.argsort(offsets, kind="stable")
+            table, offsets = table.take(pa.array(order)), offsets[order]
         which = (offsets - start) // step
-        table = pa.Table.from_batches([batch])
-        for i in np.unique(which):
-            i = int(i)
-            part = table.filter(pa.array(which == i))
-            parts.setdefault(i, []).append(part)
-            have[i] += part.num_rows
+        # rows of one slice are now consecutive: cut at the slice changes, zero-copy
+        cuts = [0, *(np.flatnonzero(np.diff(which)) + 1).tolist(), len(which)]
+        for a, b in itertools.pairwise(cuts):
+            i = int(which[a])
+            parts.setdefault(i, []).append(table.slice(a, b - a))
+            have[i] += b - a
             lo, hi = bounds[i]
             if have[i] > hi - lo:
                 raise SnapshotReadError(f"read of rows [{lo}, {hi}) returned {have[i]} rows or more")

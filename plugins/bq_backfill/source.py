@@ -238,13 +238,12 @@ class BigQuerySource:
         wanted = bigquery.Dataset(f"{self.project}.{scratch_dataset}")
         wanted.location = location
         with needs(f"make or read the scratch dataset {self.project}.{scratch_dataset}", scratch_needs):
-            if create:
-                scratch = self.client.create_dataset(wanted, exists_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
-            else:
-                try:
-                    scratch = self.client.get_dataset(wanted.reference, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
-                except NotFound:
-                    scratch = wanted  # would be made in the source's location
+            try:  # looked up first: once it exists (every run but the first) that is one request, not two
+                scratch = self.client.get_dataset(wanted.reference, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
+            except NotFound:
+                scratch = wanted  # made in the source's location (a dry run only says it would be)
+                if create:
+                    scratch = self.client.create_dataset(wanted, exists_ok=True, retry=FAST_RETRY, timeout=CALL_TIMEOUT)
         if (scratch.location or "US").lower() != location.lower():
             raise LocationMismatchError(
                 f"scratch dataset {self.project}.{scratch_dataset} is in {scratch.location}, the source {source} in "
@@ -305,26 +304,26 @@ class BigQuerySource:
         )
 
     @staticmethod
-    def snapshot_select(model: Model, source: TableRef, as_of: datetime) -> str:
+    def snapshot_select(model: Model, source: TableRef, as_of: datetime | None) -> str:
         """The tenant's rows (bound parameter @tenant_ids, see tenant_param) as of `as_of`, numbered 0..N-1 by the
         model's full order key: the only query that reads the source table."""
         cols = ", ".join(f"`{c}`" for c in model.column_names)
         order = ", ".join(f"`{c}`" for c in model.order_key)
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
+        travel = f"FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' " if as_of else ""
         return (
             f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` "  # noqa: S608
-            f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
-            f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
+            f"FROM {source.sql} {travel}WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
         )
 
-    def estimate_snapshot_bytes(self, model: Model, source: TableRef, tenant_id: str, as_of: datetime) -> int:
+    def estimate_snapshot_bytes(self, model: Model, source: TableRef, tenant_id: str) -> int:
         """BigQuery's dry-run figure for the snapshot query's SELECT (the bytes the snapshot bills are those it
-        reads): what it would process, which on-demand pricing bills (at least 10 MB per table). A dry run is free,
-        runs nothing and needs no scratch dataset."""
+        reads; the as-of time does not change which columns it reads): what it would process, which on-demand
+        pricing bills (at least 10 MB per table). A dry run is free, runs nothing and needs no scratch dataset."""
         config = tenant_param(tenant_id)
         config.dry_run = True
         config.use_query_cache = False
-        job = self._query(self.snapshot_select(model, source, as_of), config)
+        job = self._query(self.snapshot_select(model, source, None), config)
         return int(job.total_bytes_processed or 0)
 
     def _create_snapshot(
@@ -428,14 +427,19 @@ class BigQuerySource:
             return self.client.query(query, job_config=config, retry=FAST_RETRY, location=self.location)
 
     def _run(
-        self, query: str, config: bigquery.QueryJobConfig | None = None, step: tuple[str, str] | None = None
+        self,
+        query: str,
+        config: bigquery.QueryJobConfig | None = None,
+        step: tuple[str, str] | None = None,
+        page_size: int | None = None,
     ) -> bigquery.table.RowIterator:
         job = self._query(query, config, step)
         with needs(*(step or ("run a query job", f"bigquery.jobs.create on project {self.project}"))):
-            return job.result(retry=FAST_RETRY, timeout=JOB_TIMEOUT_SECONDS + CALL_TIMEOUT)
+            return job.result(retry=FAST_RETRY, timeout=JOB_TIMEOUT_SECONDS + CALL_TIMEOUT, page_size=page_size)
 
     def _scalar(self, query: str, config: bigquery.QueryJobConfig | None = None) -> Any:
-        return next(iter(self._run(query, config)))[0]
+        # a page size makes the call that waits for the job bring its one row too: one round trip less
+        return next(iter(self._run(query, config, page_size=1)))[0]
 
 
 def tenant_param(tenant_id: str) -> bigquery.QueryJobConfig:

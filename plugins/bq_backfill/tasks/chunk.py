@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from bq_backfill import ledger, range_proofs, sink, slicing, target_rows
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import PermanentChunkError, SourceReadError
 from bq_backfill.settings import Settings
-from bq_backfill.source import BigQuerySource, TableRef
+from bq_backfill.source import BigQuerySource
 from bq_backfill.validate import Rejected, split_invalid
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,10 @@ def slice_rows() -> int:
 
 
 def read_streams() -> int:
-    """Streams of a chunk's read session read side by side (BACKFILL_READ_STREAMS, default 1): BigQuery may give
-    fewer. One stream already runs ahead of the writer; more help when BigQuery, not Postgres, is the slow side."""
-    value = int(os.environ.get("BACKFILL_READ_STREAMS", "1"))
+    """Streams of a chunk's read session read side by side (BACKFILL_READ_STREAMS, default 3): BigQuery gives fewer
+    for a small table. Each stream is a share of the chunk's rows; reading them at once keeps BigQuery's side of a
+    chunk ahead of the writer."""
+    value = int(os.environ.get("BACKFILL_READ_STREAMS", "3"))
     if value < 1:
         raise ValueError(f"BACKFILL_READ_STREAMS must be a positive number of streams, not {value}")
     return value
@@ -66,7 +67,14 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     read_seconds = write_seconds = 0.0
     t0 = time.monotonic()
     try:
-        with ExitStack() as stack, postgres(s.postgres_conn_id) as conn:
+        with ExitStack() as stack:
+            # Reading starts before Postgres is reached (plan passes the snapshot's name): the read session's
+            # round trips overlap the connection, the chunk's lock and the checks below.
+            planned = chunk.get("snapshot")
+            reader = SliceReader(bq, s, planned, label, start, end, step) if planned else None
+            if reader:
+                stack.enter_context(reader)
+            conn = stack.enter_context(postgres(s.postgres_conn_id))
             # shows in pg_stat_activity which chunk (and which worker process) a session belongs to
             conn.execute(
                 "SELECT set_config('application_name', %s, true)",
@@ -74,13 +82,14 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
             )
             # the chunk's row stays locked until this transaction ends: another attempt waits, then sees it done
             if ledger.lock_chunk(conn, job_id, index) == "done":
-                log.info("%s already done: skipped without reading BigQuery", label)
+                log.info("%s already done: skipped, nothing written (the read started ahead is stopped)", label)
                 return {"read": 0, "skipped": 1}
             job = ledger.find_job_by_id(conn, job_id)
             ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)  # older data never over newer
             assert job.snapshot_table is not None
-            snapshot = bq.table(job.snapshot_table)
-            pieces = stack.enter_context(closing(_prepared_slices(bq, s, snapshot, label, start, end, step)))
+            if reader is None or reader.snapshot != job.snapshot_table:  # the job's snapshot is the one to read
+                reader = stack.enter_context(SliceReader(bq, s, job.snapshot_table, label, start, end, step))
+            pieces = iter(reader)
             while True:
                 waited = time.monotonic()
                 piece = next(pieces, None)
@@ -137,49 +146,63 @@ class Slice:
     distinct: int  # distinct keys among the good rows, counted here (the write path counts what it wrote)
 
 
-def _prepared_slices(
-    bq: BigQuerySource, s: Settings, snapshot: TableRef, label: str, start: int, end: int, step: int
-) -> Iterator[Slice]:
-    """The chunk's slices, validated, with key range and digest, in the order their rows arrive. A thread reads
-    the chunk's one read session and cuts it into slices; READERS threads prepare them; at most READERS slices wait
-    for the writer, so a slow Postgres holds the reader back instead of filling memory."""
-    columns = [*s.model.column_names, sink.OFFSET_COLUMN]
-    done = object()
-    ready: queue.Queue[Any] = queue.Queue(maxsize=READERS)
-    stop = threading.Event()
+class SliceReader:
+    """The chunk's slices, validated, with key range and digest, in the order their rows arrive. Reading starts at
+    once: a thread reads the chunk's one read session and cuts it into slices; READERS threads prepare them; at most
+    READERS slices wait for the writer, so a slow Postgres holds the reader back instead of filling memory."""
 
-    def put(item: Any) -> None:
-        while not stop.is_set():
+    def __init__(
+        self, bq: BigQuerySource, s: Settings, snapshot: str, label: str, start: int, end: int, step: int
+    ) -> None:
+        self.snapshot, self._label, self._s = snapshot, label, s
+        self._range = (start, end, step)
+        self._bq = bq
+        self._done = object()
+        self._ready: queue.Queue[Any] = queue.Queue(maxsize=READERS)
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="slice")
+        threading.Thread(target=self._read, name="bq-read", daemon=True).start()
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
             try:
-                ready.put(item, timeout=0.5)
+                self._ready.put(item, timeout=0.5)
                 return
             except queue.Full:
                 continue
 
-    def read(pool: ThreadPoolExecutor) -> None:
+    def _read(self) -> None:
+        start, end, step = self._range
         try:
-            batches = bq.read_chunk(snapshot, start, end, columns, read_streams())
+            columns = [*self._s.model.column_names, sink.OFFSET_COLUMN]
+            batches = self._bq.read_chunk(self._bq.table(self.snapshot), start, end, columns, read_streams())
             for rows in slicing.complete_slices(batches, start, end, step, sink.OFFSET_COLUMN):
-                if stop.is_set():
+                if self._stop.is_set():
                     return
-                put(pool.submit(_prepare, s, rows))
-            put(done)
+                self._put(self._pool.submit(_prepare, self._s, rows))
+            self._put(self._done)
         except Exception as exc:  # raised in the writer's thread, with this one as its cause
-            put(exc)
+            self._put(exc)
 
-    with ThreadPoolExecutor(READERS, thread_name_prefix="slice") as pool:
-        reader = threading.Thread(target=read, args=(pool,), name="bq-read", daemon=True)
-        reader.start()
-        try:
-            while (item := ready.get()) is not done:
-                if isinstance(item, Exception):
-                    raise SourceReadError(
-                        f"{label}: BigQuery read of {snapshot} rows [{start}, {end}) through connection "
-                        f"{s.gcp_conn_id!r} failed: {item}"
-                    ) from item
-                yield item.result()
-        finally:
-            stop.set()  # the reader stops at its next slice; it is not waited for
+    def __iter__(self) -> Iterator[Slice]:
+        start, end, _ = self._range
+        while (item := self._ready.get()) is not self._done:
+            if isinstance(item, Exception):
+                raise SourceReadError(
+                    f"{self._label}: BigQuery read of {self.snapshot} rows [{start}, {end}) through connection "
+                    f"{self._s.gcp_conn_id!r} failed: {item}"
+                ) from item
+            yield item.result()
+
+    def close(self) -> None:
+        self._stop.set()  # the reader stops at its next slice; it is not waited for
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> SliceReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _prepare(s: Settings, rows: slicing.RowSlice) -> Slice:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psycopg
 
-from bq_backfill import deletions, ledger, range_proofs, sink, slicing
+from bq_backfill import assets, deletions, ledger, range_proofs, sink, slicing
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import ReconciliationError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
@@ -19,10 +20,13 @@ log = logging.getLogger(__name__)
 
 
 KEY_CHECK_ROWS = 100_000
+# Chunks whose keys are checked at once: their read sessions' round trips overlap, and the checks keep both cores busy.
+KEY_CHECK_THREADS = 3
 
 
-def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = None) -> dict[str, int]:
-    """`upstream_not_done`: cleanup and plan tasks that did not succeed (e.g. "plan_chunks upstream_failed")."""
+def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = None) -> dict[str, Any]:
+    """`upstream_not_done`: cleanup and plan tasks that did not succeed (e.g. "plan_chunks upstream_failed").
+    Returns the job's counts, its id and the target table's Asset URI (nothing for a dry run)."""
     if upstream_not_done:
         # A leaf that succeeds would make the run a success; and the failing task's own callback has recorded its
         # error on the job, which a summary of older chunk failures must not replace.
@@ -65,7 +69,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
     snapshot = bq.table(job.snapshot_table)
     if not problems:
         # Every key of the snapshot must be in the target: read with one read session per chunk (its own partition:
-        # the snapshot's key columns are read once in all), checked 100,000 offsets at a time (bounded memory), two
+        # the snapshot's key columns are read once in all), checked 100,000 offsets at a time (bounded memory), three
         # chunks at once (read-only, each on its own connection: both cores busy).
         def check(rows: slicing.RowSlice) -> tuple[int, tuple[int, int | None, dict | None, dict | None]]:
             """Keys of [lo, hi) absent from the target; and the range's distinct keys, first and last key."""
@@ -87,7 +91,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
                 ) from exc
 
         total, chunk_size = job.total_records, job.chunk_size or job.total_records or 1
-        with ThreadPoolExecutor(2, thread_name_prefix="key-check") as pool:
+        with ThreadPoolExecutor(KEY_CHECK_THREADS, thread_name_prefix="key-check") as pool:
             checked = [r for part in pool.map(check_chunk, range(0, total, chunk_size)) for r in part]
         ranges = [result for _, result in sorted(checked, key=lambda r: r[0])]
         missing = sum(r[0] for r in ranges)
@@ -107,6 +111,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         ledger.complete_job(conn, job.id, gone, deleted)
         # the ranges as this run left them; earlier runs' proofs describe states since replaced
         dropped = range_proofs.keep_only(conn, s.tenant_id, s.model_type, job.id)
+        asset_uri = assets.target_uri(s.postgres_conn_id, conn, model.target_table)
     try:
         bq.drop_snapshot(snapshot)
     except Exception as exc:  # the backfill is complete; the scratch table expires by itself (7 days)
@@ -133,7 +138,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         deleted,
         dropped,
     )
-    return totals
+    return {**totals, "job_id": job.id, "asset_uri": asset_uri}
 
 
 def _count_problems(totals: dict[str, int], snapshot_rows: int) -> list[str]:

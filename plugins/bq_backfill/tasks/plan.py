@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +28,7 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
     source = source_table(s, bq)
     if s.dry_run:
         bq.locate(source, s.scratch_dataset, create=False)
-        estimate = bq.estimate_snapshot_bytes(model, source, s.tenant_id, bq.now())
+        estimate = bq.estimate_snapshot_bytes(model, source, s.tenant_id)
         log.info("dry run: %s", _bytes_line(estimate, s.maximum_bytes_billed))
         # One read of the tenant's key columns, streamed into a temp table (gone with the transaction: nothing
         # written), gives both its row count and what the target holds beyond it.
@@ -98,7 +99,8 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
         len(todo),
         chunks - len(todo),
     )
-    return [{"job_id": job.id, "chunks": chunks, **c} for c in todo]
+    # the snapshot's name lets a chunk start reading before it reaches Postgres (it still checks it against the job)
+    return [{"job_id": job.id, "chunks": chunks, "snapshot": job.snapshot_table, **c} for c in todo]
 
 
 def _take_snapshot(
@@ -113,12 +115,25 @@ def _take_snapshot(
     with postgres(s.postgres_conn_id) as conn:  # taken first: a row written after it is after the as-of time too
         target_snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
     as_of = bq.now()
-    estimate = bq.estimate_snapshot_bytes(s.model, source, s.tenant_id, as_of)
-    log.info("%s", _bytes_line(estimate, s.maximum_bytes_billed))
-    _check_bytes(estimate, s.maximum_bytes_billed, source)
-    started = time.monotonic()
-    # Replaces a table of that name left by an earlier attempt: its as-of time was never recorded, so it is not used.
-    total = bq.new_snapshot(s.model, source, s.tenant_id, snapshot, as_of, s.chunk_size)
+    # The estimate (a dry run: free, runs nothing) does not depend on the as-of time. With a cap it is checked
+    # before the snapshot query is sent: nothing is billed for a refused run. Without one it is only reported, so it
+    # is asked for while the snapshot is made (a dry run takes a round trip; the emulator even runs the query).
+    with ThreadPoolExecutor(1, thread_name_prefix="dry-run") as pool:
+        estimating = pool.submit(bq.estimate_snapshot_bytes, s.model, source, s.tenant_id)
+        if s.maximum_bytes_billed is not None:
+            estimate = estimating.result()
+            log.info("%s", _bytes_line(estimate, s.maximum_bytes_billed))
+            _check_bytes(estimate, s.maximum_bytes_billed, source)
+        started = time.monotonic()
+        # Replaces a table of that name left by an earlier attempt: its as-of time was never recorded, so unused.
+        total = bq.new_snapshot(s.model, source, s.tenant_id, snapshot, as_of, s.chunk_size)
+        if s.maximum_bytes_billed is None:
+            try:
+                estimate = estimating.result()
+            except BaseException:
+                bq.drop_snapshot(snapshot)  # not recorded yet: nothing else would drop it
+                raise
+            log.info("%s", _bytes_line(estimate, None))
     log.info(
         "snapshot %s: %d rows of tenant %s as of %s (%.1f s)",
         snapshot,

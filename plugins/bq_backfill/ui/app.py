@@ -1,0 +1,72 @@
+"""The Backfills page and its JSON, served by the Airflow api-server to users its auth manager has logged in.
+
+Imported by the api-server only, on the first request (plugins/backfills_plugin.py). Every request goes through
+Airflow's own `get_user` (the UI's session cookie or a bearer token; anonymous or forged requests are refused) and
+must be allowed to read the backfill DAG's runs (403 otherwise). Reads go through a Postgres connection the
+deployment allows for the DAG ([bigquery_backfill] allowed_postgres_conn_ids), and only the ledger tables.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Annotated, Any
+
+from airflow.api_fastapi.core_api.security import get_user
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import HTMLResponse
+
+DAG_ID = "bigquery_backfill"
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+
+def _authorized(user: Any) -> Any:
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+
+    if not get_auth_manager().is_authorized_dag(
+        method="GET", access_entity=DagAccessEntity.RUN, details=DagDetails(id=DAG_ID), user=user
+    ):
+        raise HTTPException(403, f"not allowed to read runs of {DAG_ID}")
+    return user
+
+
+def authorized(user: Annotated[Any, Depends(get_user)]) -> Any:
+    return _authorized(user)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Backfills", dependencies=[Depends(authorized)], docs_url=None, redoc_url=None)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return resources.files("bq_backfill.ui").joinpath("page.html").read_text()
+
+    @app.get("/api/jobs")
+    def jobs(
+        tenant_id: Annotated[str | None, Query(pattern=UUID_PATTERN)] = None,
+        conn_id: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    ) -> dict[str, Any]:
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+        from bq_backfill.settings import allowed
+        from bq_backfill.ui.jobs import latest_jobs
+
+        allowed_ids = allowed("postgres_conn_id")
+        conn_id = conn_id or ("postgres_default" if "postgres_default" in allowed_ids else allowed_ids[0])
+        if conn_id not in allowed_ids:
+            raise HTTPException(400, f"conn_id {conn_id!r} is not one of {allowed_ids}")
+        import psycopg
+
+        try:
+            with PostgresHook(postgres_conn_id=conn_id).get_conn() as conn:
+                conn.execute("SET TRANSACTION READ ONLY")
+                conn.execute("SELECT set_config('statement_timeout', '10s', true)")
+                rows = latest_jobs(conn, tenant_id.lower() if tenant_id else None, limit)
+        except psycopg.errors.UndefinedTable as exc:
+            raise HTTPException(
+                503, f"no backfill ledger behind connection {conn_id!r} ({exc}): run the DAG bigquery_backfill_setup"
+            ) from exc
+        return {"dag_id": DAG_ID, "conn_id": conn_id, "jobs": rows}
+
+    return app
