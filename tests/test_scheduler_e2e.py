@@ -183,7 +183,7 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
     stalled = wait_for_stalled_chunk(watch, timeout=120)
     assert stalled, "the stalled chunk never showed up"
     shots = Path(os.environ.get("BACKFILL_SCREENSHOTS_DIR") or tmp_path)
-    with logged_in_page(stack) as page:  # the Backfills page while a chunk is being written
+    with logged_in_page(stack, height=320) as page:  # the Backfills page while a chunk is being written
         page.goto(f"{stack.base}/backfills/")
         try:
             page.wait_for_selector("tr[data-job] .status.running", timeout=20_000)
@@ -223,7 +223,7 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
     assert job["status"] == "completed" and job["processed_records"] == job["total_records"] == 3_000
     assert target_rows(pg, SEED_TENANT) == as_tuples(source)
     watch.close()
-    with logged_in_page(stack) as page:  # and after: completed, every chunk done, a link to the run's grid
+    with logged_in_page(stack, height=320) as page:  # and after: completed, every chunk done, a link to the grid
         page.goto(f"{stack.base}/backfills/?tenant_id={SEED_TENANT}")
         page.wait_for_selector(f"tr[data-job='{job['id']}'] .status.completed")
         row = page.locator(f"tr[data-job='{job['id']}']")
