@@ -31,6 +31,7 @@ POOL = "bigquery_backfill_postgres"
 TARGETS = AssetAlias("bigquery_backfill_targets")
 # No task waits forever: past this, Airflow stops it (a chunk is then retried like any transient failure).
 TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("BACKFILL_TASK_TIMEOUT_MINUTES", "60")))
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 _TABLE = r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
 
 
@@ -80,7 +81,17 @@ def _chunk_index(context) -> int:
     render_template_as_native_obj=True,
     default_args={"retries": 0, "on_failure_callback": _mark_job_failed, "execution_timeout": TASK_TIMEOUT},
     params={
-        "tenant_id": Param(type="string", format="uuid", description="Tenant whose rows are backfilled."),
+        # The trigger form limits the field to a uuid's 36 characters (it checks no pattern); the API refuses any
+        # other text with HTTP 400 before the run exists.
+        "tenant_id": Param(
+            type="string",
+            format="uuid",
+            minLength=36,
+            maxLength=36,
+            pattern=UUID_PATTERN,
+            description="Tenant whose rows are backfilled: its uuid, 36 characters, e.g. "
+            "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee.",
+        ),
         "model_type": Param("inventory", type="string", enum=sorted(MODELS), description="What to backfill."),
         "chunk_size": Param(
             500_000,

@@ -247,3 +247,26 @@ def test_the_backfills_page_is_only_served_to_logged_in_users(pg, stack):
         timeout=10,
     )
     assert bad.status_code == 400 and "not one of" in bad.text  # only connections the deployment allows
+
+
+def test_the_trigger_form_keeps_a_tenant_to_a_uuids_length_and_refuses_a_bad_one_before_a_run(stack):
+    """Airflow 3.3's trigger form checks required fields and lengths (not a pattern): the tenant field takes exactly
+    36 characters and says what it wants; a 36-character non-uuid is refused by the API, and no run is created."""
+    runs_before = stack.api("GET", f"/dags/{DAG}/dagRuns", params={"limit": 100})["total_entries"]
+    with logged_in_page(stack) as page:
+        page.goto(f"{stack.base}/dags/{DAG}")
+        page.get_by_role("button", name="Trigger").first.click()
+        field = page.locator("#element_tenant_id")
+        field.wait_for()
+        assert (field.get_attribute("minlength"), field.get_attribute("maxlength")) == ("36", "36")
+        assert "its uuid, 36 characters" in page.get_by_role("dialog").inner_text()
+        field.fill("")
+        assert page.get_by_text("This field is required").first.is_visible()  # next to the field
+        field.press_sequentially(SEED_TENANT + "-and-more")
+        assert field.input_value() == SEED_TENANT  # nothing past 36 characters goes in
+        field.fill("not-a-tenant")
+        assert field.evaluate("e => e.validity.tooShort")
+        field.fill("zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz")
+        page.get_by_test_id("trigger-dag-submit").click()
+        page.get_by_text("Failed to Trigger Dag").first.wait_for()
+    assert stack.api("GET", f"/dags/{DAG}/dagRuns", params={"limit": 100})["total_entries"] == runs_before
