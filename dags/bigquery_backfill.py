@@ -23,6 +23,7 @@ from datetime import timedelta
 
 from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
+from bq_backfill.lineage import finalize_task
 from bq_backfill.models import MODELS
 from bq_backfill.settings import NUMERIC_ROUNDING, allowed, allowlisted_param, default_bytes_cap
 
@@ -183,7 +184,7 @@ def bigquery_backfill():
 
     # also after a failed or killed chunk: the job must not stay `running`. A completed run (only) emits an asset
     # event on the model's target table, through the alias (the table's URI depends on the run's connection).
-    @task(trigger_rule="all_done", outlets=[TARGETS])
+    @finalize_task(trigger_rule="all_done", outlets=[TARGETS])  # a @task that also reports OpenLineage
     def finalize() -> dict:
         from bq_backfill.assets import event_extra
         from bq_backfill.tasks.finalize import finalize as run

@@ -138,7 +138,13 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         deleted,
         dropped,
     )
-    return {**totals, "job_id": job.id, "asset_uri": asset_uri}
+    return {
+        **totals,
+        "job_id": job.id,
+        "model_type": s.model_type,
+        "source_table": job.source_table,
+        "asset_uri": asset_uri,
+    }
 
 
 def _count_problems(totals: dict[str, int], snapshot_rows: int) -> list[str]:
