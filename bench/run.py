@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +235,30 @@ def chunk_rss(chunk_size: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+@contextmanager
+def seeded_services() -> Iterator[tuple[str, str, dict, pa.Table]]:
+    """Postgres and the emulator, the source seeded (the tenant's rows + 200,000 of another), connections and
+    Airflow's metadata set up; yields (admin DSN, bench DSN, emulator endpoints, the tenant's rows)."""
+    with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
+        dsn = services.recreate_database(admin, "backfill_bench")
+        os.environ["BENCH_DSN"] = dsn
+        os.environ["AIRFLOW_CONN_POSTGRES_DEFAULT"] = services.airflow_conn_uri(dsn)
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = services.gcp_connection(PROJECT, emu)
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+        client = bq_client(emu["rest"])
+        client.create_dataset("analytics", exists_ok=True)
+        rows = inventory_table(SEED_TENANT, SOURCE_ROWS)
+        create_source(client, rows)
+        append_source(client, inventory_table(OTHER_TENANT, 200_000, seed=3))
+        yield admin, dsn, emu, rows
+
+
+def load_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measured configuration (median reported)")
@@ -252,22 +278,9 @@ def main() -> int:
     # measurements not repeated in this run (--no-peer, --rss-only) keep their earlier figures
     results: dict = json.loads(path.read_text()) if path.exists() else {}
     results.update({"source_rows": SOURCE_ROWS, "repeat": args.repeat})
-    with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
-        dsn = services.recreate_database(admin, "backfill_bench")
-        os.environ["BENCH_DSN"] = dsn
-        os.environ["AIRFLOW_CONN_POSTGRES_DEFAULT"] = services.airflow_conn_uri(dsn)
-        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = services.gcp_connection(PROJECT, emu)
-        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-        client = bq_client(emu["rest"])
-        client.create_dataset("analytics", exists_ok=True)
-        rows = inventory_table(SEED_TENANT, SOURCE_ROWS)
-        create_source(client, rows)
-        append_source(client, inventory_table(OTHER_TENANT, 200_000, seed=3))
+    with seeded_services() as (admin, dsn, emu, rows):
         say(f"source: {SOURCE_ROWS:,} rows for one tenant + 200,000 of another; Postgres {admin.split('@')[-1]}")
-
-        from airflow.dag_processing.dagbag import DagBag
-
-        dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill")
+        dag = load_dag()
         counter = QueryCounter()
         reset_target(dsn)
         dag_run(dag, dsn)  # warm-up, not counted: the process's first run pays imports and connection setup
@@ -368,19 +381,8 @@ def latency_only(repeat: int) -> int:
     """The latency rounds alone (with a warm-up run), merged into results.json."""
     path = OUT / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
-        dsn = services.recreate_database(admin, "backfill_bench")
-        os.environ["AIRFLOW_CONN_POSTGRES_DEFAULT"] = services.airflow_conn_uri(dsn)
-        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = services.gcp_connection(PROJECT, emu)
-        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-        client = bq_client(emu["rest"])
-        client.create_dataset("analytics", exists_ok=True)
-        rows = inventory_table(SEED_TENANT, SOURCE_ROWS)
-        create_source(client, rows)
-        append_source(client, inventory_table(OTHER_TENANT, 200_000, seed=3))
-        from airflow.dag_processing.dagbag import DagBag
-
-        dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill")
+    with seeded_services() as (admin, dsn, emu, rows):
+        dag = load_dag()
         reset_target(dsn)
         dag_run(dag, dsn)  # warm-up
         results["latency"] = latency_rounds(dag, dsn, rows, emu, repeat)

@@ -304,26 +304,29 @@ class BigQuerySource:
         )
 
     @staticmethod
-    def snapshot_select(model: Model, source: TableRef, as_of: datetime | None) -> str:
+    def snapshot_select(model: Model, source: TableRef, as_of: datetime) -> str:
         """The tenant's rows (bound parameter @tenant_ids, see tenant_param) as of `as_of`, numbered 0..N-1 by the
         model's full order key: the only query that reads the source table."""
         cols = ", ".join(f"`{c}`" for c in model.column_names)
         order = ", ".join(f"`{c}`" for c in model.order_key)
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
-        travel = f"FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' " if as_of else ""
         return (
             f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` "  # noqa: S608
-            f"FROM {source.sql} {travel}WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
+            f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
+            f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
         )
 
     def estimate_snapshot_bytes(self, model: Model, source: TableRef, tenant_id: str) -> int:
-        """BigQuery's dry-run figure for the snapshot query's SELECT (the bytes the snapshot bills are those it
-        reads; the as-of time does not change which columns it reads): what it would process, which on-demand
-        pricing bills (at least 10 MB per table). A dry run is free, runs nothing and needs no scratch dataset."""
+        """BigQuery's dry-run figure for the bytes the snapshot query reads from the source: what on-demand pricing
+        bills (at least 10 MB per table). Asked for the query's read alone (the same columns of the same table, the
+        same filter): BigQuery bills the columns a query reads, not what it computes from them, and the as-of time
+        does not change which columns those are. A dry run is free, runs nothing and needs no scratch dataset."""
         config = tenant_param(tenant_id)
         config.dry_run = True
         config.use_query_cache = False
-        job = self._query(self.snapshot_select(model, source, None), config)
+        cols = ", ".join(f"`{c}`" for c in model.column_names)
+        read = f"SELECT {cols} FROM {source.sql} WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"  # noqa: S608
+        job = self._query(read, config)
         return int(job.total_bytes_processed or 0)
 
     def _create_snapshot(
