@@ -25,14 +25,13 @@ from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 from bq_backfill.lineage import finalize_task
 from bq_backfill.models import MODELS
-from bq_backfill.settings import NUMERIC_ROUNDING, allowed, allowlisted_param, default_bytes_cap
+from bq_backfill.settings import NUMERIC_ROUNDING, UUID_PATTERN, allowed, allowlisted_param, default_bytes_cap
 
 POOL = "bigquery_backfill_postgres"
 # finalize emits the target table's asset event through this alias: the table's URI depends on the run's connection
 TARGETS = AssetAlias("bigquery_backfill_targets")
 # No task waits forever: past this, Airflow stops it (a chunk is then retried like any transient failure).
 TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("BACKFILL_TASK_TIMEOUT_MINUTES", "60")))
-UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 _TABLE = r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from google.cloud import bigquery
@@ -33,7 +34,9 @@ def test_snapshot_numbers_rows_by_the_full_key_and_large_chunks_read_whole(bq):
     assert total == 120_000
 
     cols = [*MODEL.column_names, "_row_offset"]
-    chunk = src.read_rows(snap, 10_000, 110_000, cols)  # one 100k-row chunk: well over gRPC's default 4 MiB
+    chunk = pa.Table.from_batches(
+        list(src.read_chunk(snap, 10_000, 110_000, cols))
+    )  # one 100k-row chunk: well over gRPC's default 4 MiB
     assert chunk.num_rows == 100_000
     assert pc.min(chunk["_row_offset"]).as_py() == 10_000 and pc.max(chunk["_row_offset"]).as_py() == 109_999
     expected = rows.sort_by([(c, "ascending") for c in MODEL.order_key]).slice(10_000, 100_000)
@@ -53,8 +56,8 @@ def test_snapshot_is_frozen_and_recreated_identically_from_its_timestamp(bq):
     total = src.keep_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, again, as_of, 1000)
     assert total == 2_000
     cols = [*MODEL.column_names, "_row_offset"]
-    a = src.read_rows(first, 0, 2_000, cols).sort_by("_row_offset")
-    b = src.read_rows(again, 0, 2_000, cols).sort_by("_row_offset")
+    a = pa.Table.from_batches(list(src.read_chunk(first, 0, 2_000, cols))).sort_by("_row_offset")
+    b = pa.Table.from_batches(list(src.read_chunk(again, 0, 2_000, cols))).sort_by("_row_offset")
     assert a.to_pylist() == b.to_pylist()
     # keeping an existing snapshot (a retried plan) leaves it as it is; a new one replaces it, as of its own time
     assert (

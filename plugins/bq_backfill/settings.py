@@ -25,6 +25,8 @@ ALLOWLISTS = {
 # The setup DAG's connection: a role that may change the schema, which backfill runs must not be able to name.
 SETUP_CONN_OPTION = ("allowed_setup_postgres_conn_ids", "postgres_default")
 NUMERIC_ROUNDING = ("reject", "round")
+# a tenant id: a uuid, in either letter case
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 def allowed(param: str) -> list[str]:

@@ -40,6 +40,7 @@ from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
 from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
 
 from bq_backfill.models import Model
+from bq_backfill.settings import UUID_PATTERN
 from bq_backfill.sink import OFFSET_COLUMN
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ READ_RETRY = Retry(
 )
 _PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
-_UUID = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
+_UUID = re.compile(UUID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -355,10 +356,6 @@ class BigQuerySource:
     def _count(self, table: TableRef) -> int:
         return int(self._scalar(f"SELECT COUNT(*) AS n FROM {table.sql}"))  # noqa: S608
 
-    def read_rows(self, snapshot: TableRef, start: int, end: int, columns: list[str] | None = None) -> pa.Table:
-        """Rows with start <= _row_offset < end, as one Arrow table (in no particular order)."""
-        return pa.Table.from_batches(list(self.read_chunk(snapshot, start, end, columns or [])))
-
     def read_chunk(
         self, snapshot: TableRef, start: int, end: int, columns: list[str], streams: int = 1
     ) -> Iterator[pa.RecordBatch]:
@@ -426,8 +423,11 @@ class BigQuerySource:
         config.labels = dict(self.labels)
         if self.maximum_bytes_billed is not None:
             config.maximum_bytes_billed = self.maximum_bytes_billed
-        with needs(*(step or ("run a query job", f"bigquery.jobs.create on project {self.project}"))):
+        with needs(*(step or self._job_step())):
             return self.client.query(query, job_config=config, retry=FAST_RETRY, location=self.location)
+
+    def _job_step(self) -> tuple[str, str]:
+        return "run a query job", f"bigquery.jobs.create on project {self.project}"
 
     def _run(
         self,
@@ -437,7 +437,7 @@ class BigQuerySource:
         page_size: int | None = None,
     ) -> bigquery.table.RowIterator:
         job = self._query(query, config, step)
-        with needs(*(step or ("run a query job", f"bigquery.jobs.create on project {self.project}"))):
+        with needs(*(step or self._job_step())):
             return job.result(retry=FAST_RETRY, timeout=JOB_TIMEOUT_SECONDS + CALL_TIMEOUT, page_size=page_size)
 
     def _scalar(self, query: str, config: bigquery.QueryJobConfig | None = None) -> Any:
