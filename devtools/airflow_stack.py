@@ -1,7 +1,9 @@
-"""A real Airflow deployment on loopback for end-to-end tests: api-server, scheduler, dag-processor.
+"""A real Airflow deployment on loopback for end-to-end tests: api-server, scheduler, dag-processor, and Celery
+workers when the executor is CeleryExecutor.
 
-Metadata in a Postgres database of its own, LocalExecutor, the project's dags/ and plugins/. Every process is
-started in its own process group and stopped (TERM, then KILL) when the context exits, whatever happened.
+Metadata in a Postgres database of its own, LocalExecutor unless `extra_env` says otherwise, the project's dags/ and
+plugins/. Every process is started in its own process group and stopped (TERM, then KILL) when the context exits,
+whatever happened.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class AirflowStack:
         self.home, self.port, self.env = home, port, env
         self.base = f"http://127.0.0.1:{port}"
         self.procs: list[subprocess.Popen] = []
+        self.names: dict[int, str] = {}
         self.client: httpx.Client | None = None
         self.token = ""  # the admin user's JWT, once healthy
 
@@ -40,17 +43,37 @@ class AirflowStack:
             raise RuntimeError(f"airflow {' '.join(args)} failed:\n{out.stderr[-4000:]}")
         return out.stdout
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "w")
-        self.procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "airflow", *args],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "airflow", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+        self.procs.append(proc)
+        self.names[proc.pid] = name
+        return proc
+
+    def process_of(self, pid: int) -> str | None:
+        """The name of the stack's process (e.g. "worker-1") that `pid` runs under, if any: its parents are walked."""
+        while pid > 1:
+            if pid in self.names:
+                return self.names[pid]
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return None
+            pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the parent's pid
+        return None
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a stack process and everything it started (its process group): a machine lost, as far as
+        Airflow and the broker can tell."""
+        [proc] = [p for p in self.procs if self.names[p.pid] == name]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -129,14 +152,21 @@ class AirflowStack:
 
 @contextmanager
 def airflow_stack(
-    home: Path, port: int, pg_admin: str, meta_db: str, extra_env: dict[str, str], dags_folder: Path | None = None
+    home: Path,
+    port: int,
+    pg_admin: str,
+    meta_db: str,
+    extra_env: dict[str, str],
+    dags_folder: Path | None = None,
+    celery_workers: int = 0,
 ) -> Iterator[AirflowStack]:
     """Starts api-server, scheduler and dag-processor with metadata in a fresh database `meta_db`, on the project's
-    dags/ (or `dags_folder`)."""
+    dags/ (or `dags_folder`); `extra_env` overrides the defaults below. With `celery_workers`, the executor is
+    CeleryExecutor (extra_env must set AIRFLOW__CELERY__BROKER_URL) and that many workers run, named worker-1...,
+    each taking two tasks at a time."""
     meta_dsn = services.recreate_database(pg_admin, meta_db)
     env = {
         **os.environ,
-        **extra_env,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": services.sqlalchemy_url(meta_dsn),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -152,6 +182,10 @@ def airflow_stack(
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
     }
+    if celery_workers:
+        env["AIRFLOW__CORE__EXECUTOR"] = "CeleryExecutor"
+        env["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+" + services.sqlalchemy_url(meta_dsn)
+    env.update(extra_env)
     stack = AirflowStack(home, port, env)
     try:
         stack.airflow("db", "migrate")
@@ -159,6 +193,10 @@ def airflow_stack(
         stack.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
         stack.start("scheduler", "scheduler", "--skip-serve-logs")
         stack.start("dag-processor", "dag-processor")
+        for n in range(1, celery_workers + 1):
+            name = f"worker-{n}"
+            stack.start(name, "celery", "worker", "--concurrency", "2", "--celery-hostname", f"{name}@%h",
+                        "--skip-serve-logs")  # fmt: skip
         stack.wait_healthy()
         yield stack
     finally:

@@ -1,4 +1,5 @@
-"""Local services for tests, the demo and the benchmark: a PostgreSQL server and the BigQuery emulator.
+"""Local services for tests, the demo and the benchmark: a PostgreSQL server, the BigQuery emulator, and Redis (the
+Celery broker).
 
 Postgres, in order: $BACKFILL_PG_DSN if set; else the server at 127.0.0.1:5432 if it answers; else an embedded
 server (the `pgserver` wheel, PostgreSQL binaries inside) in a temporary directory, stopped on exit.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -160,6 +162,51 @@ def bigquery_emulator(project: str, log_path: Path) -> Iterator[dict[str, str]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+@contextmanager
+def redis_server(log_path: Path) -> Iterator[str]:
+    """Starts Debian's redis-server on a free loopback port, keeping nothing on disk; yields its redis:// URL.
+    Installs the package with apt-get first if the machine has none."""
+    binary = shutil.which("redis-server") or apt_install("redis-server", "/usr/bin/redis-server")
+    port = free_port()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode} (log: {log_path})")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server not answering on {port} (log: {log_path})") from None
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def apt_install(package: str, binary: str) -> str:
+    """Installs a Debian package (tests on a fresh machine bring their own services); returns `binary`."""
+    if not shutil.which("apt-get"):
+        raise RuntimeError(f"no {binary} and no apt-get to install Debian's {package}")
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, env=env, capture_output=True)
+    return binary
 
 
 def _wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:

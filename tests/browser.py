@@ -3,22 +3,18 @@ AirflowStack through its auth manager."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from devtools import services
 
 CHROMIUM = Path("/usr/bin/chromium")
 
 
 def ensure_chromium() -> Path:
     if not CHROMIUM.exists():
-        if not shutil.which("apt-get"):
-            raise RuntimeError("no /usr/bin/chromium and no apt-get to install Debian's chromium")
-        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env, capture_output=True)
+        services.apt_install("chromium", str(CHROMIUM))
     return CHROMIUM
 
 
