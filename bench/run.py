@@ -236,9 +236,10 @@ def chunk_rss(chunk_size: int) -> float:
 
 
 @contextmanager
-def seeded_services() -> Iterator[tuple[str, str, dict, pa.Table]]:
+def seeded_services(source_rows: int = SOURCE_ROWS) -> Iterator[tuple[str, str, dict, pa.Table]]:
     """Postgres and the emulator, the source seeded (the tenant's rows + 200,000 of another), connections and
-    Airflow's metadata set up; yields (admin DSN, bench DSN, emulator endpoints, the tenant's rows)."""
+    Airflow's metadata set up; yields (admin DSN, bench DSN, emulator endpoints, the tenant's rows). The tenant's
+    rows go to the emulator a million at a time (bounded memory there)."""
     with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
         dsn = services.recreate_database(admin, "backfill_bench")
         os.environ["BENCH_DSN"] = dsn
@@ -247,8 +248,10 @@ def seeded_services() -> Iterator[tuple[str, str, dict, pa.Table]]:
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
         client = bq_client(emu["rest"])
         client.create_dataset("analytics", exists_ok=True)
-        rows = inventory_table(SEED_TENANT, SOURCE_ROWS)
-        create_source(client, rows)
+        rows = inventory_table(SEED_TENANT, source_rows)
+        create_source(client, rows.slice(0, 1_000_000))
+        for start in range(1_000_000, source_rows, 1_000_000):
+            append_source(client, rows.slice(start, 1_000_000))
         append_source(client, inventory_table(OTHER_TENANT, 200_000, seed=3))
         yield admin, dsn, emu, rows
 
