@@ -28,7 +28,7 @@ def jobs(conn, tenant_id: str = SEED_TENANT, model_type: str = "inventory") -> l
 def chunks(conn, job_id: str) -> list[dict]:
     cur = conn.execute(
         "SELECT chunk_index, start_offset, end_offset, status, rows_read, rows_inserted, rows_updated, rows_unchanged, "
-        "rows_duplicate, rows_rejected, write_path, completed_at "
+        "rows_duplicate, rows_rejected, write_path, completed_at, key_proof "
         "FROM backfill_chunks WHERE job_id = %s ORDER BY chunk_index",
         (job_id,),
     )

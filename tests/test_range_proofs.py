@@ -52,6 +52,8 @@ def test_a_write_by_a_transaction_older_than_the_proof_is_seen(pg, pg_server, bq
     done = chunks(pg, jobs(pg)[1]["id"])
     assert [c["write_path"] for c in done] == ["proven", "proven", "upsert", "proven"]
     assert [c["rows_updated"] for c in done] == [0, 0, 1, 0]
+    # a proven chunk proved its key range for finalize too; the upserted one did not (finalize read its keys)
+    assert [c["key_proof"] is not None for c in done] == [True, True, False, True]
     assert target_rows(pg, SEED_TENANT) == as_tuples(source)
 
 

@@ -92,3 +92,21 @@ def test_a_quarantine_row_gone_missing_fails_the_count_check(pg, bq, backfill_da
     message = _failed_then(pg, bq, backfill_dag, lambda job_id: pg.execute("DELETE FROM backfill_quarantine"))
 
     assert "rows rejected 1 != rows in backfill_quarantine 0" in message
+
+
+def test_a_target_row_deleted_after_its_chunk_proved_its_range_is_still_found(pg, bq, backfill_dag, caplog):
+    """Chunk 1 proved its key range (every slice one COPY into an empty range) and recorded it; a row of that range
+    deleted before finalize changes the range's row versions: finalize reads that chunk's keys and finds it."""
+
+    def delete_one(job_id: str) -> None:
+        [proof] = pg.execute(
+            "SELECT key_proof FROM backfill_chunks WHERE job_id = %s AND chunk_index = 1", (job_id,)
+        ).fetchone()
+        assert proof is not None and sum(proof["versions"].values()) == 250
+        pg.execute("DELETE FROM inventory_movements WHERE product_code = 'P0000300'")  # offset 300: chunk 1
+
+    caplog.set_level("INFO", logger="bq_backfill.tasks.finalize")
+    message = _failed_then(pg, bq, backfill_dag, delete_one)
+
+    assert "1 source keys of the snapshot have no row in inventory_movements" in message
+    assert "its key range changed since it proved it; reading its keys" in caplog.text

@@ -5,6 +5,7 @@ WITH chunk AS (
         rows_unchanged = %(unchanged)s, rows_duplicate = %(duplicate)s, rows_rejected = %(rejected)s,
         rows_rounded = %(rounded)s,
         read_seconds = %(read_seconds)s, write_seconds = %(write_seconds)s, write_path = %(write_path)s,
+        key_proof = %(key_proof)s,
         completed_at = now(), error_message = NULL
     WHERE job_id = %(job_id)s AND chunk_index = %(chunk_index)s AND status <> 'done'
     RETURNING job_id

@@ -93,7 +93,9 @@ ALTER TABLE backfill_chunks
     ADD COLUMN IF NOT EXISTS write_seconds real,
     -- copy (empty key range), proven (as a range proof says), unchanged (compared, nothing to write) or upsert
     ADD COLUMN IF NOT EXISTS write_path    text,
-    ADD COLUMN IF NOT EXISTS rows_rounded  bigint;
+    ADD COLUMN IF NOT EXISTS rows_rounded  bigint,
+    -- first and last key and row versions of a chunk whose slices all proved their ranges (bq_backfill.chunk_proofs)
+    ADD COLUMN IF NOT EXISTS key_proof     jsonb;
 
 -- Source rows that cannot land (e.g. a NULL key column), with the reason, kept for inspection.
 CREATE TABLE IF NOT EXISTS backfill_quarantine (

@@ -38,6 +38,7 @@ WITH needed (kind, table_name, name) AS (
     ('column', 'backfill_chunks', 'chunk_index'),
     ('column', 'backfill_chunks', 'start_offset'),
     ('column', 'backfill_chunks', 'end_offset'),
+    ('column', 'backfill_chunks', 'key_proof'),
     ('column', 'backfill_chunks', 'status'),
     ('column', 'backfill_chunks', 'error_message'),
     ('column', 'backfill_chunks', 'rows_read'),

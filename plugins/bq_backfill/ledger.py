@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from bq_backfill.models import Model
 from bq_backfill.sqlfiles import sql_text
@@ -268,9 +269,15 @@ def lock_chunk(conn: psycopg.Connection, job_id: str, chunk_index: int) -> str |
 
 
 def complete_chunk(
-    conn: psycopg.Connection, job_id: str, chunk_index: int, counts: dict[str, float], write_path: str
+    conn: psycopg.Connection,
+    job_id: str,
+    chunk_index: int,
+    counts: dict[str, float],
+    write_path: str,
+    key_proof: dict[str, Any] | None = None,
 ) -> dict[str, int]:
-    params = {"job_id": job_id, "chunk_index": chunk_index, "write_path": write_path, **counts}
+    proof = Jsonb(key_proof) if key_proof is not None else None
+    params = {"job_id": job_id, "chunk_index": chunk_index, "write_path": write_path, "key_proof": proof, **counts}
     row = _one(conn, "complete_chunk.sql", params)
     if row is None:
         raise RuntimeError(f"chunk {chunk_index} of job {job_id} was not pending when it completed")
@@ -282,6 +289,12 @@ def chunk_totals(conn: psycopg.Connection, job_id: str) -> dict[str, int]:
     row = _one(conn, "chunk_totals.sql", {"job_id": job_id})
     assert row is not None
     return {k: int(v) for k, v in row.items()}
+
+
+def chunk_key_proofs(conn: psycopg.Connection, job_id: str) -> dict[int, tuple[int, dict[str, Any]]]:
+    """start offset -> (rows read, key proof) of the job's done chunks that recorded one."""
+    rows = _all(conn, "chunk_key_proofs.sql", {"job_id": job_id})
+    return {r["start_offset"]: (r["rows_read"], r["key_proof"]) for r in rows}
 
 
 def unfinished_chunks(conn: psycopg.Connection, job_id: str) -> list[dict[str, Any]]:

@@ -104,11 +104,13 @@ def record(conn: psycopg.Connection, key: ProofKey, rows: int, versions: dict[st
     return True
 
 
-def record_copied(conn: psycopg.Connection, model: Model, key: ProofKey, keys: KeyRange, rows: pa.Table) -> bool:
+def record_copied(
+    conn: psycopg.Connection, model: Model, key: ProofKey, keys: KeyRange, rows: pa.Table
+) -> dict[str, int] | None:
     """Records a proof for a slice just COPied into its (empty) key range, if the range now holds exactly the
     COPY's rows: all of one row version, the COPY's own (read back by the first row's key), and as many as it
-    wrote. Not if another session's rows landed in the range meanwhile, or if the key columns' collation puts some
-    of the COPY's rows outside the range as Postgres reads it."""
+    wrote; returns those versions. Not if another session's rows landed in the range meanwhile, or if the key
+    columns' collation puts some of the COPY's rows outside the range as Postgres reads it (None)."""
     key_cols = model.conflict_key[1:]
     first = rows.slice(0, 1).to_pylist()[0]
     match = sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in key_cols)
@@ -120,8 +122,8 @@ def record_copied(conn: psycopg.Connection, model: Model, key: ProofKey, keys: K
     ).fetchone()
     versions = versions_in_range(conn, model, key.tenant_id, keys)
     if own is None or versions != {own[0]: rows.num_rows}:
-        return False
-    return record(conn, key, rows.num_rows, versions)
+        return None
+    return versions if record(conn, key, rows.num_rows, versions) else None
 
 
 def keep_only(conn: psycopg.Connection, tenant_id: str, model_type: str, job_id: str) -> int:

@@ -80,12 +80,16 @@ class Landed:
     same values: nothing written) or `upsert` (staged, then INSERT ... ON CONFLICT).
 
     Each count is what the database reports or was seen to hold, not a difference of other counts: rows that a
-    trigger or rule swallowed show as a shortfall when the chunk's counts are reconciled with the rows read."""
+    trigger or rule swallowed show as a shortfall when the chunk's counts are reconciled with the rows read.
+
+    `versions`: when the slice's key range was seen, in this transaction, to hold exactly its rows (a range proof
+    recorded or used), the range's row versions (xmin -> rows); otherwise None."""
 
     path: str
     inserted: int
     updated: int
     unchanged: int
+    versions: dict[str, int] | None = None
 
 
 def land_rows(
@@ -108,19 +112,20 @@ def land_rows(
     if not keys.duplicates:
         if proof and (versions := range_proofs.holds(conn, model, proof, keys, n)) is not None:
             range_proofs.record(conn, proof, n, versions)  # now this job's
-            return Landed("proven", 0, 0, n)
+            return Landed("proven", 0, 0, n, versions)
         columns = [c for c in model.column_names if c != model.tenant_column]
         existing = target_rows.rows_in_range(conn, model, tenant_id, keys, columns, rows.schema, proof is not None)
         if existing is not None and existing.num_rows == 0:
             copied = _copy_into_empty_range(conn, model, rows)
             if copied is not None:
-                if proof:
-                    range_proofs.record_copied(conn, model, proof, keys, rows)
-                return Landed("copy", copied, 0, 0)
+                held = range_proofs.record_copied(conn, model, proof, keys, rows) if proof else None
+                return Landed("copy", copied, 0, 0, held)
         if existing is not None and _same_rows(model, rows, existing.select(columns)):
+            held = None
             if proof:  # versions read in the same statement as the rows they were compared on
-                range_proofs.record(conn, proof, n, range_proofs.versions_of(existing))
-            return Landed("unchanged", 0, 0, n)
+                versions = range_proofs.versions_of(existing)
+                held = versions if range_proofs.record(conn, proof, n, versions) else None
+            return Landed("unchanged", 0, 0, n, held)
     stage_rows(conn, model, rows)
     return Landed("upsert", **upsert_staged(conn, model))
 

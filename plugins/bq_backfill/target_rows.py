@@ -23,19 +23,21 @@ class KeyRange:
     first: list  # key columns after the tenant, smallest first in byte order (as BigQuery sorts)
     last: list
     duplicates: bool  # whether a key occurs more than once
+    in_order: bool = True  # whether the rows came smallest key first, strictly ascending (first row = first key)
 
 
 def key_range(model: Model, rows: pa.Table) -> KeyRange:
     """First and last key of (non-empty) validated rows, and whether a key occurs twice."""
     key_cols = list(model.conflict_key[1:])
-    if strictly_ascending(rows, key_cols):  # the usual case: a slice of the snapshot comes in key order
+    in_order = strictly_ascending(rows, key_cols)
+    if in_order:  # the usual case: a slice of the snapshot comes in key order
         ordered = rows.select(key_cols)
         duplicates = False
     else:
         ordered = rows.select(key_cols).sort_by([(c, "ascending") for c in key_cols])
         duplicates = not strictly_ascending(ordered, key_cols)  # sorted: not strictly ascending = a key twice
     first, last = ordered.slice(0, 1).to_pylist()[0], ordered.slice(len(ordered) - 1, 1).to_pylist()[0]
-    return KeyRange([first[c] for c in key_cols], [last[c] for c in key_cols], duplicates)
+    return KeyRange([first[c] for c in key_cols], [last[c] for c in key_cols], duplicates, in_order)
 
 
 def strictly_ascending(rows: pa.Table, columns: list[str]) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 
-from bq_backfill import ledger, range_proofs, sink, slicing, target_rows
+from bq_backfill import chunk_proofs, ledger, range_proofs, sink, slicing, target_rows
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import PermanentChunkError, SourceReadError
 from bq_backfill.settings import Settings
@@ -90,6 +90,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
             if reader is None or reader.snapshot != job.snapshot_table:  # the job's snapshot is the one to read
                 reader = stack.enter_context(SliceReader(bq, s, job.snapshot_table, label, start, end, step))
             pieces = iter(reader)
+            key_proof = chunk_proofs.ChunkKeys()  # lets finalize check this chunk's keys without reading them
             while True:
                 waited = time.monotonic()
                 piece = next(pieces, None)
@@ -102,11 +103,12 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 proof = range_proofs.ProofKey(s.tenant_id, s.model_type, digest, job_id) if digest else None
                 landed = sink.land_rows(conn, model, s.tenant_id, piece.good, piece.keys, proof)
                 _tally(counts, piece, rejected, landed, paths)
+                key_proof.add(piece.lo, piece.keys, rejected, landed.versions)
                 del piece
                 write_seconds += time.monotonic() - written
             path = "+".join(dict.fromkeys(paths))  # e.g. "copy", or "upsert+copy" for a chunk whose slices differ
             timing = {"read_seconds": read_seconds, "write_seconds": write_seconds}
-            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing}, path)
+            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing}, path, key_proof.proof())
     except psycopg.OperationalError:
         raise  # connection-level: a retry can succeed
     except psycopg.DatabaseError as exc:
@@ -137,6 +139,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
 class Slice:
     """One slice of a chunk as its reader thread leaves it: validated, with its key range, digest and distinct keys."""
 
+    lo: int  # its first offset
     read: int
     good: pa.Table
     rejected: Rejected
@@ -212,13 +215,13 @@ def _prepare(s: Settings, rows: slicing.RowSlice) -> Slice:
     good = checked.good
     read = rows.rows.num_rows
     if not good.num_rows:
-        return Slice(read, good, checked.rejected, checked.rounded, None, None, 0)
+        return Slice(rows.lo, read, good, checked.rejected, checked.rounded, None, None, 0)
     keys = target_rows.key_range(model, good)
     distinct = good.num_rows
     if keys.duplicates:
         distinct = good.group_by(list(model.conflict_key[1:])).aggregate([]).num_rows
     digest = range_proofs.digest(model, good)
-    return Slice(read, good, checked.rejected, checked.rounded, keys, digest, distinct)
+    return Slice(rows.lo, read, good, checked.rejected, checked.rounded, keys, digest, distinct)
 
 
 def _tally(counts: dict[str, int], piece: Slice, rejected: int, landed: sink.Landed, paths: list[str]) -> None:

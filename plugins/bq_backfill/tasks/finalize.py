@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from bq_backfill import assets, deletions, ledger, range_proofs, sink, slicing
+from bq_backfill import assets, chunk_proofs, deletions, ledger, range_proofs, sink, slicing
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import ReconciliationError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
@@ -45,6 +45,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)
         totals = ledger.chunk_totals(conn, job.id)
         unfinished = ledger.unfinished_chunks(conn, job.id)
+        key_proofs = ledger.chunk_key_proofs(conn, job.id)
         if job.snapshot_table is None:
             if job.status == "failed":  # plan's own failure callback said why: keep its message
                 raise ReconciliationError(f"job {job.id} failed before it was planned: {job.error_message}")
@@ -68,20 +69,33 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
     bq = bigquery(s.gcp_conn_id)
     snapshot = bq.table(job.snapshot_table)
     if not problems:
-        # Every key of the snapshot must be in the target: read with one read session per chunk (its own partition:
-        # the snapshot's key columns are read once in all), checked 100,000 offsets at a time (bounded memory), three
-        # chunks at once (read-only, each on its own connection: both cores busy).
-        def check(rows: slicing.RowSlice) -> tuple[int, tuple[int, int | None, dict | None, dict | None]]:
+        # Every key of the snapshot must be in the target. A chunk that proved its key range (chunk_proofs) is checked
+        # by one aggregate of that range's row versions. The others are read with one read session per chunk (its own
+        # partition: the snapshot's key columns are read once in all), checked 100,000 offsets at a time (bounded
+        # memory), three chunks at once (read-only, each on its own connection: both cores busy).
+        key_cols = list(model.conflict_key[1:])
+        proven_chunks: list[int] = []
+
+        def check(rows: slicing.RowSlice) -> tuple[int, Range]:
             """Keys of [lo, hi) absent from the target; and the range's distinct keys, first and last key."""
             ordered = rows.rows  # in offset order, so in the order key's
-            ends = ordered.select(list(model.conflict_key[1:]))
+            ends = ordered.select(key_cols)
             first, last = ends.slice(0, 1).to_pylist()[0], ends.slice(len(ends) - 1).to_pylist()[0]
             distinct = deletions.distinct_sorted_keys(model, ordered)
             with postgres(s.postgres_conn_id) as conn:
-                return rows.lo, (sink.missing_keys(conn, model, s.tenant_id, job.id, ordered), distinct, first, last)
+                missing = sink.missing_keys(conn, model, s.tenant_id, job.id, ordered)
+            return rows.lo, (missing, distinct, _key(first, key_cols), _key(last, key_cols))
 
-        def check_chunk(lo: int) -> list[tuple[int, tuple[int, int | None, dict | None, dict | None]]]:
+        def check_chunk(lo: int) -> list[tuple[int, Range]]:
             hi = min(lo + chunk_size, total)
+            if lo in key_proofs:
+                rows_read, proof = key_proofs[lo]
+                with postgres(s.postgres_conn_id) as conn:
+                    if chunk_proofs.still_holds(conn, model, s.tenant_id, proof):
+                        proven_chunks.append(lo)
+                        first, last = chunk_proofs.key_text(proof["first"]), chunk_proofs.key_text(proof["last"])
+                        return [(lo, (0, rows_read, first, last))]
+                log.info("chunk at offset %d: its key range changed since it proved it; reading its keys", lo)
             batches = bq.read_chunk(snapshot, lo, hi, [*model.conflict_key[1:], sink.OFFSET_COLUMN])
             try:
                 return [check(r) for r in slicing.complete_slices(batches, lo, hi, KEY_CHECK_ROWS, sink.OFFSET_COLUMN)]
@@ -96,6 +110,12 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         ranges = [result for _, result in sorted(checked, key=lambda r: r[0])]
         missing = sum(r[0] for r in ranges)
         snapshot_keys = _distinct_keys(ranges)
+        log.info(
+            "key check: %d of %d chunks by their key proofs (one aggregate each), the others' keys read from %s",
+            len(proven_chunks),
+            -(-total // chunk_size),
+            snapshot,
+        )
         if missing:
             problems.append(f"{missing} source keys of the snapshot have no row in {model.target_table}")
     if problems:
@@ -165,12 +185,20 @@ def _count_problems(totals: dict[str, int], snapshot_rows: int) -> list[str]:
     return problems
 
 
-def _distinct_keys(ranges: list[tuple[int, int | None, dict | None, dict | None]]) -> int | None:
+# A checked offset range: (keys missing from the target, distinct keys or None, first key, last key as key_text)
+Range = tuple[int, int | None, str, str]
+
+
+def _key(row: dict, columns: list[str]) -> str:
+    return chunk_proofs.key_text([row[c] for c in columns])
+
+
+def _distinct_keys(ranges: list[Range]) -> int | None:
     """Distinct keys of the whole snapshot from its ranges' counts: a key that ends one range and starts the next is
     one key. None if a range could not count them."""
     if any(r[1] is None for r in ranges):
         return None
-    boundaries = sum(1 for a, b in itertools.pairwise(ranges) if a[3] is not None and a[3] == b[2])
+    boundaries = sum(1 for a, b in itertools.pairwise(ranges) if a[3] == b[2])
     return sum(r[1] for r in ranges) - boundaries  # type: ignore[misc]
 
 
