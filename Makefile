@@ -38,6 +38,9 @@ demo: install
 up: install
 	$(VENV)/bin/python -m devtools.up
 
-# Throughput benchmark (see README "Performance"): ~12 minutes, prints a table, writes bench/results/.
+# Throughput benchmark (see README "Performance"): prints figures and ratios, writes bench/results/. bench.run (~12
+# minutes): the 1M-row tenant into an empty target, with latency, the chunk-size sweep and memory; bench.scale (~45
+# minutes): a target shared with 20M rows of other tenants, the real scheduler's path, a 5M-row tenant.
 bench: install
 	$(VENV)/bin/python -m bench.run
+	$(VENV)/bin/python -m bench.scale --shared-target 20000000 --scheduler --tenant-rows 5000000
