@@ -177,7 +177,8 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
     source = inventory_rows(SEED_TENANT, 3_000)
     create_source(bq, source)
     ledger.apply_schema(pg)
-    stall_first_write(pg, "P0000777", seconds=8)  # inside the chunk's transaction
+    # inside the chunk's transaction; long enough for a browser to start and show it on a busy machine
+    stall_first_write(pg, "P0000777", seconds=40)
     run_id = stack.trigger(DAG, conf(chunk_size=500))
     watch = psycopg.connect(pg_server, autocommit=True)
     stalled = wait_for_stalled_chunk(watch, timeout=120)
@@ -186,7 +187,7 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
     with logged_in_page(stack, height=320) as page:  # the Backfills page while a chunk is being written
         page.goto(f"{stack.base}/backfills/")
         try:
-            page.wait_for_selector("tr[data-job] .status.running", timeout=20_000)
+            page.wait_for_selector("tr[data-job] .status.running", timeout=30_000)
         except Exception as exc:
             raise AssertionError(page.inner_text("body")[:3000]) from exc
         row = page.locator("tr[data-job]").first.inner_text()
@@ -198,7 +199,7 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
     os.kill(worker_pid, signal.SIGKILL)  # the task process dies in the middle of its upsert
 
     assert stack.wait_run(DAG, run_id) == "failed"
-    for _ in range(300):  # the orphaned backend rolls back once its sleep ends and it finds the client gone
+    for _ in range(500):  # the orphaned backend rolls back once its sleep ends and it finds the client gone
         if not watch.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone():
             break
         time.sleep(0.1)
