@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -117,6 +117,33 @@ def dag_run(dag, dsn: str, chunk_size: int | None = None) -> dict:
         "chunk_write_s": float(write_s or 0),
         "finalize_s": dur.get("finalize", 0.0),
     }
+
+
+def empty_target_ceiling(dsn: str, rows: pa.Table) -> float:
+    """The raw COPY ceiling, then the target emptied again for a cold run."""
+    took = ceiling(dsn, rows)
+    reset_target(dsn)
+    return took
+
+
+def interleaved_rounds(
+    repeat: int, ceiling_of: Callable[[], float], run: Callable[[], dict], label: str, after: Callable | None = None
+) -> tuple[list[float], list[dict], list[dict]]:
+    """`repeat` rounds of: the ceiling (ceiling_of() leaves the target as a cold run needs it), a cold run, a run with
+    nothing changed, then after(). Ratios are taken within a round: runs minutes apart at most, however the machine's
+    load drifts over the whole benchmark."""
+    ceilings: list[float] = []
+    cold: list[dict] = []
+    noop: list[dict] = []
+    for _ in range(repeat):
+        ceilings.append(ceiling_of())
+        cold.append(run())
+        noop.append(run())
+        if after:
+            after()
+        say(f"{label}: ceiling {ceilings[-1]:.2f} s, cold {cold[-1]['wall_s']:.2f} s, "
+            f"nothing changed {noop[-1]['wall_s']:.2f} s")  # fmt: skip
+    return ceilings, cold, noop
 
 
 def peer(dsn: str, rest: str) -> dict:
@@ -289,14 +316,9 @@ def main() -> int:
         dag_run(dag, dsn)  # warm-up, not counted: the process's first run pays imports and connection setup
         # Each round measures the ceiling, then the DAG cold, then the DAG again with nothing changed: the ratios
         # compare runs minutes apart at most, however the machine's load drifts over the whole benchmark.
-        ceilings, cold, noop = [], [], []
-        for _ in range(args.repeat):
-            ceilings.append(ceiling(dsn, rows))
-            reset_target(dsn)
-            cold.append(dag_run(dag, dsn))
-            noop.append(dag_run(dag, dsn))
-            say(f"round: ceiling {ceilings[-1]:.2f} s, cold {cold[-1]['wall_s']:.2f} s, "
-                f"nothing changed {noop[-1]['wall_s']:.2f} s")  # fmt: skip
+        ceilings, cold, noop = interleaved_rounds(
+            args.repeat, lambda: empty_target_ceiling(dsn, rows), lambda: dag_run(dag, dsn), "round"
+        )
         results["ceiling_copy_s"] = statistics.median(ceilings)
         results["ratio_cold"] = statistics.median(r["wall_s"] / c for r, c in zip(cold, ceilings, strict=True))
         results["ratio_noop"] = statistics.median(r["wall_s"] / c for r, c in zip(noop, ceilings, strict=True))

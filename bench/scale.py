@@ -22,7 +22,18 @@ import psycopg
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from bench.run import HOME, OUT, ROOT, ceiling, dag_run, load_dag, reset_target, say, seeded_services
+from bench.run import (
+    HOME,
+    OUT,
+    ROOT,
+    dag_run,
+    empty_target_ceiling,
+    interleaved_rounds,
+    load_dag,
+    reset_target,
+    say,
+    seeded_services,
+)
 from devtools import services
 from devtools.seed import PROJECT, SEED_TENANT, inventory_table
 
@@ -88,14 +99,13 @@ def shared_target(others: int, repeat: int) -> dict:
         dag_run(dag, dsn)  # warm-up
         clear_tenant(dsn)
         data = _csv(rows)
-        ceilings, cold, noop = [], [], []
-        for _ in range(repeat):
-            ceilings.append(shared_ceiling(dsn, rows, data))
-            cold.append(dag_run(dag, dsn))
-            noop.append(dag_run(dag, dsn))
-            clear_tenant(dsn)
-            say(f"shared target round: ceiling {ceilings[-1]:.2f} s, cold {cold[-1]['wall_s']:.2f} s, "
-                f"nothing changed {noop[-1]['wall_s']:.2f} s")  # fmt: skip
+        ceilings, cold, noop = interleaved_rounds(
+            repeat,
+            lambda: shared_ceiling(dsn, rows, data),
+            lambda: dag_run(dag, dsn),
+            "shared target round",
+            after=lambda: clear_tenant(dsn),
+        )
         services.drop_database(admin, "backfill_bench")
     return _summary(ceilings, cold, noop) | {"other_rows": others}
 
@@ -122,14 +132,9 @@ def tenant_rows(n: int, repeat: int) -> dict:
         dag = load_dag()
         reset_target(dsn)
         dag_run(dag, dsn)  # warm-up
-        ceilings, cold, noop = [], [], []
-        for _ in range(repeat):
-            ceilings.append(ceiling(dsn, rows))
-            reset_target(dsn)
-            cold.append(dag_run(dag, dsn))
-            noop.append(dag_run(dag, dsn))
-            say(f"{n:,}-row tenant round: ceiling {ceilings[-1]:.2f} s, cold {cold[-1]['wall_s']:.2f} s, "
-                f"nothing changed {noop[-1]['wall_s']:.2f} s")  # fmt: skip
+        ceilings, cold, noop = interleaved_rounds(
+            repeat, lambda: empty_target_ceiling(dsn, rows), lambda: dag_run(dag, dsn), f"{n:,}-row tenant round"
+        )
         services.drop_database(admin, "backfill_bench")
     return _summary(ceilings, cold, noop) | {"tenant_rows": n}
 
@@ -177,14 +182,9 @@ def scheduler(repeat: int) -> dict:
             stack.wait_for_dag(DAG)
             reset_target(dsn)
             _scheduled_run(stack, dsn)  # warm-up
-            ceilings, cold, noop = [], [], []
-            for _ in range(repeat):
-                ceilings.append(ceiling(dsn, rows))
-                reset_target(dsn)
-                cold.append(_scheduled_run(stack, dsn))
-                noop.append(_scheduled_run(stack, dsn))
-                say(f"scheduler round: ceiling {ceilings[-1]:.2f} s, cold {cold[-1]['wall_s']:.2f} s "
-                    f"{cold[-1]['stage_s']}, nothing changed {noop[-1]['wall_s']:.2f} s")  # fmt: skip
+            ceilings, cold, noop = interleaved_rounds(
+                repeat, lambda: empty_target_ceiling(dsn, rows), lambda: _scheduled_run(stack, dsn), "scheduler round"
+            )
         services.drop_database(admin, "backfill_bench")
     out = _summary(ceilings, [{"wall_s": r["wall_s"]} for r in cold], [{"wall_s": r["wall_s"]} for r in noop])
     out["settings"] = DEPLOYMENT_ENV

@@ -156,12 +156,7 @@ def bigquery_emulator(project: str, log_path: Path) -> Iterator[dict[str, str]]:
             _wait_http(f"http://127.0.0.1:{rest}/healthz", proc, f"bqemulator (log: {log_path})")
             yield {"rest": f"http://127.0.0.1:{rest}", "storage": f"127.0.0.1:{grpc}"}
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            _stop(proc)
 
 
 @contextmanager
@@ -191,12 +186,16 @@ def redis_server(log_path: Path) -> Iterator[str]:
             time.sleep(0.1)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def apt_install(package: str, binary: str) -> str:
