@@ -139,7 +139,7 @@ def tenant_rows(n: int, repeat: int) -> dict:
     return _summary(ceilings, cold, noop) | {"tenant_rows": n}
 
 
-def _scheduled_run(stack, dsn: str) -> dict:
+def _scheduled_run(stack) -> dict:
     """Trigger through the REST API, poll until the run ends; wall time and where it went (from the task
     instances' own times)."""
     from datetime import datetime
@@ -181,9 +181,9 @@ def scheduler(repeat: int) -> dict:
         with airflow_stack(HOME / "airflow", port, admin, "backfill_bench_airflow", env) as stack:
             stack.wait_for_dag(DAG)
             reset_target(dsn)
-            _scheduled_run(stack, dsn)  # warm-up
+            _scheduled_run(stack)  # warm-up
             ceilings, cold, noop = interleaved_rounds(
-                repeat, lambda: empty_target_ceiling(dsn, rows), lambda: _scheduled_run(stack, dsn), "scheduler round"
+                repeat, lambda: empty_target_ceiling(dsn, rows), lambda: _scheduled_run(stack), "scheduler round"
             )
         services.drop_database(admin, "backfill_bench")
     out = _summary(ceilings, [{"wall_s": r["wall_s"]} for r in cold], [{"wall_s": r["wall_s"]} for r in noop])
