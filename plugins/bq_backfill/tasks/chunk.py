@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 
-from bq_backfill import chunk_proofs, ledger, range_proofs, sink, slicing, target_rows
+from bq_backfill import chunk_proofs, ledger, process_memory, range_proofs, sink, slicing, target_rows
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import PermanentChunkError, SourceReadError
 from bq_backfill.settings import Settings
@@ -55,9 +55,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
     job_id, index, start, end = chunk["job_id"], chunk["chunk_index"], chunk["start"], chunk["end"]
     label = f"chunk #{index} of {chunk['chunks']} [{start}, {end})"
 
-    # Arrow's default allocator (mimalloc) keeps freed slices cached; the system allocator hands them back, which
-    # keeps a chunk task about 15 MB smaller (bench --rss-only). Each task runs in a process of its own.
-    pa.set_memory_pool(pa.system_memory_pool())
+    process_memory.release_freed_buffers()  # peak memory follows what is in flight, not what passed through
     bq = bigquery(s.gcp_conn_id)
     # A chunk is one transaction, read with one Storage Read session and written a slice at a time: memory follows
     # the slice, not the chunk, and the next slices are read, validated and digested while this one is written.
