@@ -5,7 +5,6 @@ task's peak RSS grows by."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 import pyarrow as pa
@@ -25,10 +24,8 @@ def release_freed_buffers() -> bool:
     `bench.run --rss-only`: about 15 MB less at 200,000-row chunks and 30 MB less at 500,000. Each task runs in a
     process of its own, so this touches no other task. Returns False where the C library is not glibc."""
     pa.set_memory_pool(pa.system_memory_pool())
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library, already loaded: no lookup on disk
     except (OSError, AttributeError):  # musl and others: no mallopt; their allocators return large frees anyway
         log.debug("no glibc mallopt here: allocator left as it is")
         return False
