@@ -11,6 +11,7 @@ from decimal import Decimal
 import psycopg
 import pyarrow as pa
 from helpers import chunks, conf, jobs, table_state
+from psycopg import sql
 from test_write_paths import _chunk_rows
 
 from bq_backfill import ledger, range_proofs, sink
@@ -105,7 +106,7 @@ def _proof(rows: pa.Table) -> range_proofs.ProofKey:
     return range_proofs.ProofKey(SEED_TENANT, "inventory", range_proofs.digest(MODEL, rows), "0" * 32)
 
 
-def test_no_proof_for_a_range_that_holds_someone_elses_row(pg):
+def test_a_range_that_holds_someone_elses_row_is_never_taken_as_proven(pg):
     ledger.apply_schema(pg)
     source = inventory_rows(SEED_TENANT, 300)
     rows = _chunk_rows(source)
@@ -116,13 +117,34 @@ def test_no_proof_for_a_range_that_holds_someone_elses_row(pg):
             assert sink.land_rows(pg, MODEL, SEED_TENANT, rows, proof=_proof(rows)).path == "upsert"
     assert pg.execute("SELECT count(*) FROM backfill_range_proofs").fetchone() == (0,)
 
-    # a COPY whose range gains someone else's row before the proof is taken gets none either
+    # a COPY whose range gains someone else's row before its proof is recorded: the proof is never used, and the
+    # next run compares the rows (and finds someone else's row in the range: the upsert)
     pg.execute("DELETE FROM inventory_movements")
     other = _chunk_rows(source[:100])
     with pg.transaction():
-        assert sink.land_rows(pg, MODEL, SEED_TENANT, other).path == "copy"
+        landed = sink.land_rows(pg, MODEL, SEED_TENANT, other)
+        assert landed.path == "copy"
         insert_target(pg, [{**source[50], "product_code": source[50]["product_code"] + "x"}])
-        assert not range_proofs.record_copied(pg, MODEL, _proof(other), key_range(MODEL, other), other)
+        assert range_proofs.record_copied(pg, MODEL, _proof(other), other, landed.inserted)
+    keys = key_range(MODEL, other)
+    assert range_proofs.holds(pg, MODEL, _proof(other), keys, other.num_rows) is None
+    with pg.transaction():
+        assert sink.land_rows(pg, MODEL, SEED_TENANT, other, keys, _proof(other)).path == "upsert"
+
+
+def test_a_copy_a_trigger_cut_short_records_no_proof(pg):
+    source = inventory_rows(SEED_TENANT, 100)
+    rows = _chunk_rows(source)
+    pg.execute(
+        sql.SQL(
+            "CREATE FUNCTION skip_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.product_code = {} THEN RETURN NULL; END IF; RETURN NEW; END $$"
+        ).format(sql.Literal(source[10]["product_code"]))
+    )
+    pg.execute("CREATE TRIGGER skip_one BEFORE INSERT ON inventory_movements FOR EACH ROW EXECUTE FUNCTION skip_one()")
+    with pg.transaction():
+        landed = sink.land_rows(pg, MODEL, SEED_TENANT, rows, proof=_proof(rows))
+    assert (landed.path, landed.inserted, landed.versions) == ("copy", 99, None)
     assert pg.execute("SELECT count(*) FROM backfill_range_proofs").fetchone() == (0,)
 
 

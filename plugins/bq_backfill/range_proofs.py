@@ -2,7 +2,8 @@
 changed neither fetches nor compares the rows again.
 
 A proof is recorded when a slice lands by COPY into an empty range or is found equal value for value: the digest
-of the slice's rows and the versions of the range's rows (xmin, with how many rows carry each). Row versions only
+of the slice's rows and the versions of the range's rows (xmin, with how many rows carry each); it is used only
+once the range is found to hold exactly those versions. Row versions only
 come and go with writes: any insert, update or delete in the range since, committed by anyone, changes them (a
 new version carries the xid of a transaction that was not committed when the proof was taken, so it cannot be
 among the proof's). The recording chunk's own later slices write only keys they hold themselves: a key repeated
@@ -105,12 +106,17 @@ def record(conn: psycopg.Connection, key: ProofKey, rows: int, versions: dict[st
 
 
 def record_copied(
-    conn: psycopg.Connection, model: Model, key: ProofKey, keys: KeyRange, rows: pa.Table
+    conn: psycopg.Connection, model: Model, key: ProofKey, rows: pa.Table, copied: int
 ) -> dict[str, int] | None:
-    """Records a proof for a slice just COPied into its (empty) key range, if the range now holds exactly the
-    COPY's rows: all of one row version, the COPY's own (read back by the first row's key), and as many as it
-    wrote; returns those versions. Not if another session's rows landed in the range meanwhile, or if the key
-    columns' collation puts some of the COPY's rows outside the range as Postgres reads it (None)."""
+    """Records a proof for a slice just COPied into its (empty) key range, when the COPY wrote every row: the range
+    holds the COPY's rows, all of its own row version (read back by the first row's key); returns those versions.
+
+    Not checked against the range here: a proof is only ever used after the range is found to hold exactly its
+    versions (holds, chunk_proofs.still_holds). That check also sees another session's row landing in the range
+    since, or a collation that puts some of the COPY's rows outside the range as Postgres reads it, and such a proof
+    is then never used; checking now as well would read every row written a second time."""
+    if copied != rows.num_rows:  # a trigger or rule skipped some
+        return None
     key_cols = model.conflict_key[1:]
     first = rows.slice(0, 1).to_pylist()[0]
     match = sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in key_cols)
@@ -120,9 +126,9 @@ def record_copied(
         ),
         [key.tenant_id, *(first[c] for c in key_cols)],
     ).fetchone()
-    versions = versions_in_range(conn, model, key.tenant_id, keys)
-    if own is None or versions != {own[0]: rows.num_rows}:
+    if own is None:
         return None
+    versions = {own[0]: rows.num_rows}
     return versions if record(conn, key, rows.num_rows, versions) else None
 
 

@@ -118,7 +118,7 @@ def land_rows(
         if existing is not None and existing.num_rows == 0:
             copied = _copy_into_empty_range(conn, model, rows)
             if copied is not None:
-                held = range_proofs.record_copied(conn, model, proof, keys, rows) if proof else None
+                held = range_proofs.record_copied(conn, model, proof, rows, copied) if proof else None
                 return Landed("copy", copied, 0, 0, held)
         if existing is not None and _same_rows(model, rows, existing.select(columns)):
             held = None
