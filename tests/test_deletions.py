@@ -3,6 +3,8 @@ never another tenant's rows nor rows written after the plan."""
 
 from __future__ import annotations
 
+from datetime import date
+
 from helpers import conf, jobs, table_state
 
 from devtools.seed import (
@@ -53,7 +55,22 @@ def test_a_first_sync_with_nothing_extra_counts_zero_without_loading_keys(pg, bq
     assert backfill_dag.test(run_conf=conf()).state == "success"
 
     assert _job_counts(pg) == ("completed", 0, 0)
-    assert "have a key that is not in the source" not in caplog.text  # the one-count path
+    assert "have a key that is not in the source" not in caplog.text  # nothing loaded, nothing counted row by row
+    assert "key check: the tenant's target rows are its 3 chunks' proven rows, no more" in caplog.text
+
+
+def test_a_target_row_past_every_source_key_is_counted_though_every_chunk_proved_its_range(pg, bq, backfill_dag):
+    """Outside every chunk's key range, a row no chunk holds: the tenant's row versions are more than the chunks'
+    (one aggregate), so finalize counts, and finds it."""
+    create_source(bq, inventory_rows(SEED_TENANT, 700))
+    # deleted in the source long ago; its key sorts after every source key (key: movement_date, branch_id, product)
+    extra = {**inventory_rows(SEED_TENANT, 1)[0], "movement_date": date(2030, 1, 1), "product_code": "P9999999"}
+    insert_target(pg, [extra])
+
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+
+    assert pg.execute("SELECT count(*) FROM backfill_chunks WHERE key_proof IS NULL").fetchone() == (0,)
+    assert _job_counts(pg) == ("completed", 1, 0)
 
 
 def test_delete_missing_leaves_the_tenant_equal_to_the_snapshot_and_other_tenants_untouched(pg, bq, backfill_dag):

@@ -56,10 +56,11 @@ def test_a_row_a_trigger_swallows_in_an_upsert_fails_the_count_check(pg, bq, bac
     )
 
 
-def _failed_then(pg, bq, backfill_dag, damage) -> str:
-    """A run stopped at chunk 3, damaged by `damage(job_id)`, then resumed: finalize's message."""
+def _failed_then(pg, bq, backfill_dag, damage, quarantined: bool = True) -> str:
+    """A run stopped at chunk 3, damaged by `damage(job_id)`, then resumed: finalize's message. `quarantined`: the
+    source also has a row to quarantine."""
     rows = inventory_rows(SEED_TENANT, 1_200)
-    create_source(bq, [*rows, dict(rows[0], product_code=None)])  # one row to quarantine
+    create_source(bq, [*rows, dict(rows[0], product_code=None)] if quarantined else rows)
     ledger.apply_schema(pg)
     poison_trigger(pg)
     dr = backfill_dag.test(run_conf=conf(max_rejected_rows=1))
@@ -109,4 +110,20 @@ def test_a_target_row_deleted_after_its_chunk_proved_its_range_is_still_found(pg
     message = _failed_then(pg, bq, backfill_dag, delete_one)
 
     assert "1 source keys of the snapshot have no row in inventory_movements" in message
+    assert "its key range changed since it proved it; reading its keys" in caplog.text
+
+
+def test_a_target_row_deleted_after_every_chunk_proved_its_range_is_still_found(pg, bq, backfill_dag, caplog):
+    """Every chunk proved its range (nothing quarantined): the tenant-wide aggregate of row versions differs, then the
+    chunk's own, then its keys are read and the row is found missing."""
+
+    def delete_one(job_id: str) -> None:
+        pg.execute("DELETE FROM inventory_movements WHERE product_code = 'P0000300'")  # offset 300: chunk 1
+
+    caplog.set_level("INFO", logger="bq_backfill.tasks.finalize")
+    message = _failed_then(pg, bq, backfill_dag, delete_one, quarantined=False)
+
+    assert "1 source keys of the snapshot have no row in inventory_movements" in message
+    assert "proven rows, no more" not in caplog.text
+    assert "key check: 4 of 5 chunks by their key proofs" in caplog.text
     assert "its key range changed since it proved it; reading its keys" in caplog.text

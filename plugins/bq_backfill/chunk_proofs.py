@@ -64,3 +64,14 @@ def still_holds(conn: psycopg.Connection, model: Model, tenant_id: str, proof: d
     """Whether the chunk's key range holds the same row versions as when the chunk proved it."""
     keys = KeyRange(proof["first"], proof["last"], False)
     return range_proofs.versions_in_range(conn, model, tenant_id, keys) == proof["versions"]
+
+
+def tenant_holds_only(conn: psycopg.Connection, model: Model, tenant_id: str, proofs: list[dict[str, Any]]) -> bool:
+    """Whether the tenant's target rows are exactly the proven chunks' rows: all of the tenant's rows carry the
+    chunks' row versions, each on as many rows (one aggregate, whatever the key ranges and their collation). A
+    version's rows can only be deleted or rewritten once it is committed, never added to; so the same counts mean
+    every chunk's rows are still there, and no other row of the tenant is."""
+    expected: Counter[str] = Counter()
+    for proof in proofs:
+        expected.update(proof["versions"])
+    return range_proofs.versions_in_range(conn, model, tenant_id, None) == dict(expected)

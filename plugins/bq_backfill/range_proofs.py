@@ -69,9 +69,10 @@ def versions_of(fetched: pa.Table) -> dict[str, int]:
     return dict(Counter(fetched[VERSION_COLUMN].to_pylist()))
 
 
-def versions_in_range(conn: psycopg.Connection, model: Model, tenant_id: str, keys: KeyRange) -> dict[str, int]:
-    """The row versions of the tenant's target rows with first <= key <= last (one aggregate; no row leaves)."""
-    where, params = in_range(model, keys)
+def versions_in_range(conn: psycopg.Connection, model: Model, tenant_id: str, keys: KeyRange | None) -> dict[str, int]:
+    """The row versions of the tenant's target rows with first <= key <= last, or of all its rows for None (one
+    aggregate; no row leaves)."""
+    where, params = in_range(model, keys) if keys else (sql.SQL("true"), [])
     query = sql.SQL("SELECT xmin::text, count(*) FROM {target} WHERE {tenant} = %s AND {where} GROUP BY 1").format(
         target=sql.Identifier(model.target_table), tenant=sql.Identifier(model.tenant_column), where=where
     )

@@ -105,17 +105,29 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
                 ) from exc
 
         total, chunk_size = job.total_records, job.chunk_size or job.total_records or 1
-        with ThreadPoolExecutor(KEY_CHECK_THREADS, thread_name_prefix="key-check") as pool:
-            checked = [r for part in pool.map(check_chunk, range(0, total, chunk_size)) for r in part]
-        ranges = [result for _, result in sorted(checked, key=lambda r: r[0])]
-        missing = sum(r[0] for r in ranges)
-        snapshot_keys = _distinct_keys(ranges)
-        log.info(
-            "key check: %d of %d chunks by their key proofs (one aggregate each), the others' keys read from %s",
-            len(proven_chunks),
-            -(-total // chunk_size),
-            snapshot,
-        )
+        chunks = -(-total // chunk_size)
+        # Every chunk proved its range: one aggregate over all of the tenant's rows can show at once that every
+        # chunk's rows are still there and that the tenant has no other row (nothing to count for deletions).
+        exact = False
+        if len(key_proofs) == chunks and totals["rejected"] == 0:
+            with postgres(s.postgres_conn_id) as conn:
+                proofs = [proof for _, proof in key_proofs.values()]
+                exact = chunk_proofs.tenant_holds_only(conn, model, s.tenant_id, proofs)
+        if exact:
+            missing, snapshot_keys = 0, total
+            log.info("key check: the tenant's target rows are its %d chunks' proven rows, no more", chunks)
+        else:
+            with ThreadPoolExecutor(KEY_CHECK_THREADS, thread_name_prefix="key-check") as pool:
+                checked = [r for part in pool.map(check_chunk, range(0, total, chunk_size)) for r in part]
+            ranges = [result for _, result in sorted(checked, key=lambda r: r[0])]
+            missing = sum(r[0] for r in ranges)
+            snapshot_keys = _distinct_keys(ranges)
+            log.info(
+                "key check: %d of %d chunks by their key proofs (one aggregate each), the others' keys read from %s",
+                len(proven_chunks),
+                chunks,
+                snapshot,
+            )
         if missing:
             problems.append(f"{missing} source keys of the snapshot have no row in {model.target_table}")
     if problems:
@@ -127,7 +139,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         )
     with postgres(s.postgres_conn_id) as conn:
         # Deletions in the source: counted always, deleted on request, in the transaction that completes the job.
-        gone, deleted = _missing_from_source(s, conn, bq, job, snapshot, totals["rejected"], snapshot_keys)
+        gone, deleted = _missing_from_source(s, conn, bq, job, snapshot, totals["rejected"], snapshot_keys, exact)
         ledger.complete_job(conn, job.id, gone, deleted)
         # the ranges as this run left them; earlier runs' proofs describe states since replaced
         dropped = range_proofs.keep_only(conn, s.tenant_id, s.model_type, job.id)
@@ -210,17 +222,21 @@ def _missing_from_source(
     snapshot: TableRef,
     rejected: int,
     snapshot_keys: int | None,
+    exact: bool,
 ) -> tuple[int | None, int]:
     """(the tenant's target rows written before the plan whose key is not in the snapshot, rows deleted).
 
-    Every key of the snapshot is in the target (checked just before), so when nothing was quarantined and the
-    tenant has exactly as many target rows as the snapshot has distinct keys, none is missing from the source: one
-    count. Otherwise the snapshot's keys are loaded into a temp table and Postgres counts (and deletes) exactly."""
+    Every key of the snapshot is in the target (checked just before). `exact`: the key check found the tenant's
+    rows to be exactly the chunks' rows, so none is missing from the source. Otherwise, when nothing was quarantined
+    and the tenant has exactly as many target rows as the snapshot has distinct keys, none is either: one count.
+    Otherwise the snapshot's keys are loaded into a temp table and Postgres counts (and deletes) exactly."""
     model = s.model
     assert job.total_records is not None
     if job.target_snapshot is None:  # planned before this was recorded
         log.warning("job %s: no plan-time Postgres snapshot recorded; rows missing from the source not counted", job.id)
         return None, 0
+    if exact:
+        return 0, 0
     if rejected == 0 and snapshot_keys is not None and deletions.tenant_rows(conn, model, s.tenant_id) == snapshot_keys:
         return 0, 0
     deletions.load_snapshot_keys(conn, model, bq, snapshot, job.total_records, job.chunk_size or job.total_records or 1)
