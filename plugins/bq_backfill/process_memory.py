@@ -21,8 +21,8 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 def release_freed_buffers() -> bool:
     """Frees go back to the system, not to a cache: Arrow allocates from the system allocator (its default,
     mimalloc, keeps freed slices cached), and glibc maps every block of 1 MiB or more on its own. Measured with
-    `bench.run --rss-only`: about 15 MB less at 200,000-row chunks and 30 MB less at 500,000. Each task runs in a
-    process of its own, so this touches no other task. Returns False where the C library is not glibc."""
+    `bench.run --rss-only`: about 15 MB less at 200,000-row chunks and 30 MB less at 500,000. Under an executor each
+    task runs in a process of its own, so this touches no other task. Returns False where the C library is not glibc."""
     pa.set_memory_pool(pa.system_memory_pool())
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library, already loaded: no lookup on disk

@@ -57,8 +57,8 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
 
     process_memory.release_freed_buffers()  # peak memory follows what is in flight, not what passed through
     bq = bigquery(s.gcp_conn_id)
-    # A chunk is one transaction, read with one Storage Read session and written a slice at a time: memory follows
-    # the slice, not the chunk, and the next slices are read, validated and digested while this one is written.
+    # A chunk is one transaction, read with one Storage Read session and written a slice at a time: memory holds a
+    # few slices, never the chunk, and the next slices are read, validated and digested while this one is written.
     step = slice_rows()
     counts = dict.fromkeys(("read", "inserted", "updated", "unchanged", "duplicate", "rejected", "rounded"), 0)
     paths: list[str] = []
