@@ -11,7 +11,7 @@ from decimal import Decimal
 import psycopg
 import pyarrow as pa
 from helpers import chunks, conf, jobs, table_state
-from psycopg import sql
+from test_reconciliation import _swallow
 from test_write_paths import _chunk_rows
 
 from bq_backfill import ledger, range_proofs, sink
@@ -135,13 +135,7 @@ def test_a_range_that_holds_someone_elses_row_is_never_taken_as_proven(pg):
 def test_a_copy_a_trigger_cut_short_records_no_proof(pg):
     source = inventory_rows(SEED_TENANT, 100)
     rows = _chunk_rows(source)
-    pg.execute(
-        sql.SQL(
-            "CREATE FUNCTION skip_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "IF NEW.product_code = {} THEN RETURN NULL; END IF; RETURN NEW; END $$"
-        ).format(sql.Literal(source[10]["product_code"]))
-    )
-    pg.execute("CREATE TRIGGER skip_one BEFORE INSERT ON inventory_movements FOR EACH ROW EXECUTE FUNCTION skip_one()")
+    _swallow(pg, source[10]["product_code"])
     with pg.transaction():
         landed = sink.land_rows(pg, MODEL, SEED_TENANT, rows, proof=_proof(rows))
     assert (landed.path, landed.inserted, landed.versions) == ("copy", 99, None)
