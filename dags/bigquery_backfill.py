@@ -146,7 +146,9 @@ def _chunk_index(context) -> int:
     },
 )
 def bigquery_backfill():
-    @task
+    # Each task's result is one XCom (return_value): a dict-typed result would otherwise push one XCom per key, each
+    # a round trip to the API server.
+    @task(multiple_outputs=False)
     def cleanup_stale_jobs() -> dict[str, int]:
         from bq_backfill.tasks.cleanup import cleanup_stale_jobs as run
 
@@ -162,6 +164,7 @@ def bigquery_backfill():
 
     @task(
         pool=POOL,
+        multiple_outputs=False,
         retries=int(os.environ.get("BACKFILL_CHUNK_RETRIES", "3")),
         retry_delay=timedelta(seconds=float(os.environ.get("BACKFILL_CHUNK_RETRY_DELAY_SECONDS", "30"))),
         retry_exponential_backoff=2.0,
@@ -182,8 +185,9 @@ def bigquery_backfill():
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc  # fix the cause, then clear
 
     # also after a failed or killed chunk: the job must not stay `running`. A completed run (only) emits an asset
-    # event on the model's target table, through the alias (the table's URI depends on the run's connection).
-    @finalize_task(trigger_rule="all_done", outlets=[TARGETS])  # a @task that also reports OpenLineage
+    # event on the model's target table, through the alias (the table's URI depends on the run's connection). A @task
+    # that also reports OpenLineage.
+    @finalize_task(trigger_rule="all_done", outlets=[TARGETS], multiple_outputs=False)
     def finalize() -> dict:
         from bq_backfill.assets import event_extra
         from bq_backfill.tasks.finalize import finalize as run
