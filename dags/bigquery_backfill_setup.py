@@ -42,7 +42,7 @@ _ROLE = r"^[a-z_][a-z0-9_]{0,62}$"
     },
 )
 def bigquery_backfill_setup():
-    @task
+    @task(multiple_outputs=False)  # its report as one XCom, not one per key
     def setup_database() -> dict:
         from bq_backfill.connections import postgres
         from bq_backfill.setup import setup_database as run
