@@ -94,23 +94,18 @@ def test_one_run_replaces_207_jobs_with_one_and_syncs_every_row(pg, bq, backfill
         "bigquery_backfill_jobs_one_active",
     )
     # each task instance leaves one XCom, its whole result: not one more per key of a dict (a round trip each)
-    pushed = _xcoms(dr.run_id)
-    assert sorted(pushed) == sorted(
-        [("cleanup_stale_jobs", -1), ("plan_chunks", -1), ("finalize", -1)] + [("load_chunk", i) for i in range(9)]
-    )
-    assert set(pushed.values()) == {"return_value"}
+    tasks = [("cleanup_stale_jobs", -1), ("plan_chunks", -1), ("finalize", -1)] + [("load_chunk", i) for i in range(9)]
+    assert _xcoms(dr.run_id) == sorted((task, index, "return_value") for task, index in tasks)
 
 
-def _xcoms(run_id: str) -> dict[tuple[str, int], str]:
+def _xcoms(run_id: str) -> list[tuple[str, int, str]]:
+    """(task_id, map_index, key) of every XCom the run left, sorted."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         rows = session.query(XComModel.task_id, XComModel.map_index, XComModel.key).filter_by(run_id=run_id).all()
-    pushed: dict[tuple[str, int], str] = {}
-    for task_id, map_index, key in rows:
-        pushed[(task_id, map_index)] = key if (task_id, map_index) not in pushed else "more than one"
-    return pushed
+    return sorted(tuple(row) for row in rows)
 
 
 def test_second_run_changes_no_row(pg, bq, backfill_dag):
