@@ -100,11 +100,14 @@ def test_one_run_replaces_207_jobs_with_one_and_syncs_every_row(pg, bq, backfill
 
 def _xcoms(run_id: str) -> list[tuple[str, int, str]]:
     """(task_id, map_index, key) of every XCom the run left, sorted."""
+    from airflow import settings
     from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
+    from sqlalchemy import select
 
-    with create_session() as session:
-        rows = session.query(XComModel.task_id, XComModel.map_index, XComModel.key).filter_by(run_id=run_id).all()
+    with settings.Session() as session:
+        rows = session.execute(
+            select(XComModel.task_id, XComModel.map_index, XComModel.key).where(XComModel.run_id == run_id)
+        ).all()
     return sorted(tuple(row) for row in rows)
 
 
