@@ -35,6 +35,29 @@ TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("BACKFILL_TASK_TIMEOUT_MIN
 _TABLE = r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
 
 
+# Transient failures (a lost or pooled-out Postgres connection, BigQuery's 5xx) are retried with backoff; anything
+# else fails the task at once (a retry would only repeat it): fix the cause, then clear.
+RETRIES = {
+    "retries": int(os.environ.get("BACKFILL_CHUNK_RETRIES", "3")),
+    "retry_delay": timedelta(seconds=float(os.environ.get("BACKFILL_CHUNK_RETRY_DELAY_SECONDS", "30"))),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+def _retried_if_transient(step, *args):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from bq_backfill.errors import is_transient
+
+    try:
+        return step(*args)
+    except Exception as exc:
+        if is_transient(exc):
+            raise  # Airflow retries with backoff
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
 def _settings():
     from bq_backfill.settings import Settings
 
@@ -148,46 +171,35 @@ def _chunk_index(context) -> int:
 def bigquery_backfill():
     # Each task's result is one XCom (return_value): a dict-typed result would otherwise push one XCom per key, each
     # a round trip to the API server.
-    @task(multiple_outputs=False)
+    @task(multiple_outputs=False, **RETRIES)
     def cleanup_stale_jobs() -> dict[str, int]:
         from bq_backfill.tasks.cleanup import cleanup_stale_jobs as run
 
-        return run(_settings(), _run())
+        return _retried_if_transient(run, _settings(), _run())
 
-    @task
+    @task(**RETRIES)
     def plan_chunks() -> list[dict]:
         from airflow.configuration import conf
 
         from bq_backfill.tasks.plan import plan_chunks as run
 
-        return run(_settings(), _run(), conf.getint("core", "max_map_length"))
+        return _retried_if_transient(run, _settings(), _run(), conf.getint("core", "max_map_length"))
 
     @task(
         pool=POOL,
         multiple_outputs=False,
-        retries=int(os.environ.get("BACKFILL_CHUNK_RETRIES", "3")),
-        retry_delay=timedelta(seconds=float(os.environ.get("BACKFILL_CHUNK_RETRY_DELAY_SECONDS", "30"))),
-        retry_exponential_backoff=2.0,
-        max_retry_delay=timedelta(minutes=10),
         map_index_template="chunk {{ task.op_kwargs['chunk']['chunk_index'] }}",
+        **RETRIES,
     )
     def load_chunk(chunk: dict) -> dict[str, int]:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from bq_backfill.errors import is_transient
         from bq_backfill.tasks.chunk import load_chunk as run
 
-        try:
-            return run(_settings(), chunk)
-        except Exception as exc:
-            if is_transient(exc):
-                raise  # Airflow retries with backoff
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc  # fix the cause, then clear
+        return _retried_if_transient(run, _settings(), chunk)
 
     # also after a failed or killed chunk: the job must not stay `running`. A completed run (only) emits an asset
     # event on the model's target table, through the alias (the table's URI depends on the run's connection). A @task
     # that also reports OpenLineage.
-    @finalize_task(trigger_rule="all_done", outlets=[TARGETS], multiple_outputs=False)
+    @finalize_task(trigger_rule="all_done", outlets=[TARGETS], multiple_outputs=False, **RETRIES)
     def finalize() -> dict:
         from bq_backfill.assets import event_extra
         from bq_backfill.tasks.finalize import finalize as run
@@ -198,7 +210,7 @@ def bigquery_backfill():
         )
         not_done = sorted(f"{t} {st}" for t, st in states.get(ctx["run_id"], {}).items() if st != "success")
         s = _settings()
-        result = run(s, _run(), not_done)
+        result = _retried_if_transient(run, s, _run(), not_done)
         if result.get("asset_uri"):
             extra = event_extra(result, s.tenant_id, s.model_type, result["job_id"])
             ctx["outlet_events"][TARGETS].add(Asset(result["asset_uri"]), extra=extra)

@@ -4,16 +4,16 @@
 Run once per deployment and after each upgrade, through a connection whose role may change the schema (the tables'
 owner). Creates or upgrades `bigquery_backfill_jobs`, `backfill_source_progress`, `backfill_chunks`,
 `backfill_quarantine`, `backfill_range_proofs` and the registered models' target tables (never drops anything),
-creates the one-active-job index when no legacy duplicates block it, and, given `writer_role`, grants that role
-exactly what a `bigquery_backfill` run needs. Runs of `bigquery_backfill` change no DDL: they fail naming anything
-missing and this DAG.
+creates the one-active-job index when no legacy duplicates block it, and, given `writer_role` (one of
+`[bigquery_backfill] allowed_writer_roles`), grants that role exactly what a `bigquery_backfill` run needs. Runs of
+`bigquery_backfill` change no DDL: they fail naming anything missing and this DAG.
 """
 
 from __future__ import annotations
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from bq_backfill.settings import allowlisted_param
+from bq_backfill.settings import allowed_writer_roles, allowlisted_param
 
 _ROLE = r"^[a-z_][a-z0-9_]{0,62}$"
 
@@ -30,11 +30,14 @@ _ROLE = r"^[a-z_][a-z0-9_]{0,62}$"
         "postgres_conn_id": allowlisted_param(
             "setup_postgres_conn_id", "postgres_default", description="Connection whose role owns the tables."
         ),
+        # [bigquery_backfill] allowed_writer_roles: whoever may trigger setup cannot grant or revoke any other role
         "writer_role": Param(
             None,
             type=["null", "string"],
             pattern=_ROLE,
-            description="Role the backfill runs connect as: granted exactly what a run needs. Empty: no grants.",
+            enum=[None, *allowed_writer_roles()],
+            description="Role the backfill runs connect as: granted exactly what a run needs. Empty: no grants. "
+            f"One of: {', '.join(allowed_writer_roles()) or 'none configured'}.",
         ),
         "grant_delete": Param(
             False, type="boolean", description="Also grant DELETE on the target tables (for delete_missing runs)."

@@ -91,20 +91,22 @@ def append_source(
 
 
 def legacy_jobs(conn, tenant_id: str, model_type: str, *, running: int, pending: int, failed: int = 0) -> list[str]:
-    """Job rows as the old self-re-invoking loop left them, each with its progress row."""
+    """Job rows as the old self-re-invoking loop left them, each with its progress row, last changed two days ago
+    (the loop has stopped)."""
     ids = []
     for status, count in (("running", running), ("pending", pending), ("failed", failed)):
         for _ in range(count):
             job_id = str(uuid.uuid4())
             conn.execute(
                 "INSERT INTO bigquery_backfill_jobs "
-                "(id, tenant_id, model_type, status, total_records, processed_records) "
-                "VALUES (%s, %s, %s, %s, 1032601, 500)",
+                "(id, tenant_id, model_type, status, total_records, processed_records, created_at, updated_at) "
+                "VALUES (%s, %s, %s, %s, 1032601, 500, now() - interval '2 days', now() - interval '2 days')",
                 (job_id, tenant_id, model_type, status),
             )
             conn.execute(
-                "INSERT INTO backfill_source_progress (job_id, source_table, last_offset, records_synced, status) "
-                "VALUES (%s, 'inventory_movements', 500, 500, %s)",
+                "INSERT INTO backfill_source_progress "
+                "(job_id, source_table, last_offset, records_synced, status, updated_at) "
+                "VALUES (%s, 'inventory_movements', 500, 500, %s, now() - interval '2 days')",
                 (job_id, status),
             )
             ids.append(job_id)

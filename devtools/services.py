@@ -1,5 +1,5 @@
-"""Local services for tests, the demo and the benchmark: a PostgreSQL server, the BigQuery emulator, and Redis (the
-Celery broker).
+"""Local services for tests, the demo and the benchmark: a PostgreSQL server, the BigQuery emulator, Redis (the
+Celery broker) and PgBouncer (a connection pooler in transaction mode).
 
 Postgres, in order: $BACKFILL_PG_DSN if set; else the server at 127.0.0.1:5432 if it answers; else an embedded
 server (the `pgserver` wheel, PostgreSQL binaries inside) in a temporary directory, stopped on exit.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -65,6 +66,14 @@ def postgres_server() -> Iterator[str]:
     if not dsn and _answers(LOCAL_DSN):
         yield LOCAL_DSN
         return
+    with embedded_postgres() as admin:
+        yield admin
+
+
+@contextmanager
+def embedded_postgres() -> Iterator[str]:
+    """An embedded server (the pgserver wheel: PostgreSQL 16) in a temporary directory, on a socket of its own;
+    yields its admin DSN and stops it afterwards."""
     import pgserver
 
     data = Path(tempfile.mkdtemp(prefix="bq_backfill_pg_"))
@@ -185,6 +194,74 @@ def redis_server(log_path: Path) -> Iterator[str]:
                     raise RuntimeError(f"redis-server not answering on {port} (log: {log_path})") from None
             time.sleep(0.1)
         yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        _stop(proc)
+
+
+@contextmanager
+def pgbouncer(backend_dsn: str, work_dir: Path, pool_size: int = 2) -> Iterator[dict[str, str]]:
+    """Starts Debian's PgBouncer in transaction mode, as a hosted Postgres' pooled port runs, in front of the server
+    of `backend_dsn`, on a free loopback port, with `pool_size` server connections per database and user (fewer
+    than a run's chunks: server connections are handed from one client to the next). Installs the package with
+    apt-get first if the machine has none. Yields {"dsn": a DSN of backend_dsn's database through the pooler,
+    "admin": a DSN of its admin console}."""
+    binary = shutil.which("pgbouncer") or apt_install("pgbouncer", "/usr/sbin/pgbouncer")
+    backend = psycopg.conninfo.conninfo_to_dict(backend_dsn)
+    user = backend.get("user", "postgres")
+    port = free_port()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.chmod(0o755)
+    (work_dir / "users.txt").write_text(f'"{user}" ""\n')
+    server = " ".join(f"{k}={backend[k]}" for k in ("host", "port") if backend.get(k))
+    (work_dir / "pgbouncer.ini").write_text(
+        f"""[databases]
+* = {server} user={user}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {work_dir / "users.txt"}
+admin_users = {user}
+pool_mode = transaction
+default_pool_size = {pool_size}
+max_client_conn = 200
+ignore_startup_parameters = extra_float_digits
+server_reset_query =
+"""
+    )
+    for name in ("users.txt", "pgbouncer.ini"):
+        (work_dir / name).chmod(0o644)
+    # PgBouncer refuses to run as root: it then runs as the owner of the server's socket directory (the embedded
+    # server's own user), or as the postgres system user for a server on TCP
+    host = backend.get("host", "")
+    owner = pwd.getpwuid(os.stat(host).st_uid).pw_name if host.startswith("/") else "postgres"
+    as_user = ["-u", owner] if os.geteuid() == 0 else []
+    log_path = work_dir / "pgbouncer.log"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [binary, *as_user, str(work_dir / "pgbouncer.ini")],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    dsn = psycopg.conninfo.make_conninfo(
+        host="127.0.0.1", port=str(port), user=user, dbname=backend.get("dbname", "postgres")
+    )
+    admin = psycopg.conninfo.make_conninfo(dsn, dbname="pgbouncer")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"pgbouncer exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with psycopg.connect(admin, autocommit=True, connect_timeout=2, prepare_threshold=None) as conn:
+                    conn.execute("SHOW VERSION")
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"pgbouncer not answering on {port} (log: {log_path})") from None
+                time.sleep(0.1)
+        yield {"dsn": dsn, "admin": admin}
     finally:
         _stop(proc)
 

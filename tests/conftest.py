@@ -36,8 +36,11 @@ os.environ.update(
             "google_cloud_default,no_such_gcp,flaky_gcp,secret_gcp,recorded_gcp"
         ),
         "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_POSTGRES_CONN_IDS": (
-            "postgres_default,no_such_pg,closed_pg,embedded_target,writer_pg,secret_pg"
+            "postgres_default,no_such_pg,closed_pg,embedded_target,writer_pg,secret_pg,pooled_pg"
         ),
+        "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_SETUP_POSTGRES_CONN_IDS": "postgres_default,pooled_pg",
+        # the writer_role fixture's role (helpers.WRITER_ROLE)
+        "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_WRITER_ROLES": f"backfill_writer_{os.getpid()}",
         "AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_SOURCE_TABLES": "analytics.nope,analytics.inventory_view",
     }
 )
@@ -119,3 +122,37 @@ def backfill_dag(airflow_db, pg_server, bq_emulator):
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert not bag.import_errors, bag.import_errors
     return bag.get_dag("bigquery_backfill")
+
+
+@pytest.fixture(scope="session")
+def pooler(tmp_path_factory):
+    """PgBouncer in transaction mode with a pool of 2, in front of a database of the embedded server (PostgreSQL
+    16), as connection `pooled_pg`: {"dsn": through the pooler, "admin": its admin console, "direct": the same
+    database without it (for the tests' own checks)}."""
+    with services.embedded_postgres() as admin:
+        direct = services.recreate_database(admin, "backfill_pooled")
+        with services.pgbouncer(direct, tmp_path_factory.mktemp("pgbouncer"), pool_size=2) as bouncer:
+            os.environ["AIRFLOW_CONN_POOLED_PG"] = services.airflow_conn_uri(bouncer["dsn"])
+            yield {**bouncer, "direct": direct}
+
+
+@pytest.fixture
+def writer_role(pg, monkeypatch):
+    """helpers.WRITER_ROLE, granted by the setup step (run as the tables' owner), as connection `writer_pg`; the
+    DSN it logs in with. Dropped afterwards."""
+    import psycopg
+    from helpers import WRITER_ROLE
+    from psycopg import sql
+
+    from bq_backfill.setup import setup_database
+
+    role = sql.Identifier(WRITER_ROLE)
+    if pg.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [WRITER_ROLE]).fetchone() is None:
+        pg.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'writer-password'").format(role))
+    setup_database(pg, WRITER_ROLE, grant_delete=False)
+    info = psycopg.conninfo.conninfo_to_dict(pg.info.dsn)
+    dsn = psycopg.conninfo.make_conninfo(**{**info, "user": WRITER_ROLE, "password": "writer-password"})
+    monkeypatch.setenv("AIRFLOW_CONN_WRITER_PG", services.airflow_conn_uri(dsn))
+    yield dsn
+    pg.execute(sql.SQL("DROP OWNED BY {}").format(role))
+    pg.execute(sql.SQL("DROP ROLE {}").format(role))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from psycopg import sql
@@ -9,6 +10,9 @@ from psycopg import sql
 from devtools.seed import SEED_TENANT
 
 ROOT = Path(__file__).resolve().parents[1]
+# the role runs connect as in the least-privilege tests: roles are the server's, so one of this session's own
+# (conftest allows the setup DAG to grant it)
+WRITER_ROLE = f"backfill_writer_{os.getpid()}"
 
 
 def conf(**overrides) -> dict:

@@ -11,7 +11,7 @@ import psycopg
 from helpers import conf, jobs, table_state
 
 from bq_backfill import ledger
-from devtools.seed import SEED_TENANT, create_source, inventory_rows
+from devtools.seed import SEED_TENANT, create_source, inventory_rows, legacy_jobs
 
 
 def _other_job(pg, run_id: str, status: str) -> str:
@@ -87,3 +87,65 @@ def test_a_job_whose_chunk_is_being_written_is_kept_and_deleted_once_it_is_not(p
     # that chunk's session gone, the failed job of a run Airflow does not know is stale
     assert backfill_dag.test(run_conf=conf()).state == "success"
     assert [j["status"] for j in jobs(pg)] == ["completed"]
+
+
+def test_a_legacy_job_the_old_loop_keeps_updating_is_kept_and_the_run_says_to_stop_the_loop(
+    pg, bq, backfill_dag, caplog
+):
+    create_source(bq, inventory_rows(SEED_TENANT, 600))
+    ledger.apply_schema(pg)
+    [live] = legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=0)
+    legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=3)  # its stale duplicates of two days ago
+    stop = threading.Event()
+
+    def old_loop() -> None:  # still running: it records progress on its job every 200 ms
+        with psycopg.connect(pg.info.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(
+                    "UPDATE bigquery_backfill_jobs SET updated_at = now(), processed_records = processed_records + 500 "
+                    "WHERE id = %s",
+                    [live],
+                )
+                stop.wait(0.2)
+
+    loop = threading.Thread(target=old_loop)
+    loop.start()
+    try:
+        dr = backfill_dag.test(run_conf=conf())
+    finally:
+        stop.set()
+        loop.join()
+
+    assert dr.state == "failed"
+    assert f"job {live} of the old backfill loop (no dag run, running) changed at" in caplog.text
+    assert "Stop the old loop first (README: Migrating from the old loop)" in caplog.text
+    assert len(jobs(pg)) == 4  # nothing deleted, nothing claimed
+
+    # stopped, and still for longer than the liveness window: its jobs are stale, and go
+    pg.execute("UPDATE bigquery_backfill_jobs SET updated_at = now() - interval '1 hour' WHERE id = %s", [live])
+    assert backfill_dag.test(run_conf=conf()).state == "success"
+    assert [j["status"] for j in jobs(pg)] == ["completed"]
+
+
+def test_the_old_loop_writing_during_a_run_fails_its_finalize(pg, bq, backfill_dag):
+    """The old loop starts again after cleanup: it creates a job row on each continue, as it did 207 times."""
+    create_source(bq, inventory_rows(SEED_TENANT, 600))
+    ledger.apply_schema(pg)
+    pg.execute(
+        "CREATE FUNCTION old_loop_continues() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.chunk_index = 1 THEN INSERT INTO bigquery_backfill_jobs (tenant_id, model_type, status) "
+        "SELECT tenant_id, model_type, 'failed' FROM bigquery_backfill_jobs WHERE id = NEW.job_id; END IF; "
+        "RETURN NULL; END $$"
+    )
+    pg.execute(
+        "CREATE TRIGGER old_loop_continues AFTER UPDATE OF status ON backfill_chunks FOR EACH ROW "
+        "WHEN (NEW.status = 'done') EXECUTE FUNCTION old_loop_continues()"
+    )
+
+    dr = backfill_dag.test(run_conf=conf())
+
+    assert dr.state == "failed"
+    job = next(j for j in jobs(pg) if j["dag_run_id"] == dr.run_id)
+    assert job["status"] == "failed"
+    assert "the old backfill loop wrote while this run did" in job["error_message"]
+    assert "Stop the old loop" in job["error_message"]

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from airflow_run import clear_with_downstream, drive
 from helpers import chunks, conf, jobs, stall_first_write, table_state, wait_for_stalled_chunk
-from test_resume import poison_trigger
+from test_resume import cure_poison, poison
 
 from bq_backfill import ledger
 from bq_backfill.setup import setup_database
@@ -86,7 +86,7 @@ def test_cleanup_refuses_to_delete_the_job_of_another_live_run(pg, bq, backfill_
 
 def test_a_legacy_writer_cannot_add_a_second_active_job(pg, bq, backfill_dag):
     _stuck(pg, bq)
-    poison_trigger(pg)
+    poison(pg)
     backfill_dag.test(run_conf=conf())  # fails at the poisoned chunk; its cleanup removed the legacy duplicates
     setup_database(pg, None, False)  # run again then, as README says: now it creates the index
     pg.execute("UPDATE bigquery_backfill_jobs SET status = 'running'")  # as while the run is active
@@ -170,7 +170,7 @@ def test_postgres_connections_terminated_mid_chunk_are_retried(pg, bq, backfill_
 
 def test_source_changes_after_plan_do_not_move_rows_between_chunks(pg, bq, backfill_dag):
     rows = _stuck(pg, bq, n=1_200)
-    poison_trigger(pg)  # the run stops at chunk 3 with the other chunks done
+    poison(pg)  # the run stops at chunk 3 with the other chunks done
     dr = backfill_dag.test(run_conf=conf())
     assert dr.state == "failed"
     # the source moves on: rows inserted before, between and after the chunks, values updated
@@ -178,7 +178,7 @@ def test_source_changes_after_plan_do_not_move_rows_between_chunks(pg, bq, backf
     extra = inventory_rows(SEED_TENANT, 1_300)[1_200:]
     bq.query("DELETE FROM `analytics.inventory_movements` WHERE product_code < 'P0000050'").result()
     append_source(bq, changed + extra)
-    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+    cure_poison(pg)
 
     clear_with_downstream(backfill_dag, dr.run_id, [("load_chunk", 3)])
     dr = drive(backfill_dag, dr.run_id)

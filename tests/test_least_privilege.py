@@ -4,32 +4,22 @@ table it was not granted."""
 
 from __future__ import annotations
 
-import os
-
 import psycopg
 import pytest
 from airflow_run import clear_with_downstream, drive
-from helpers import chunks, conf, jobs
+from helpers import WRITER_ROLE, chunks, conf, jobs
 from psycopg import sql
-from test_resume import poison_trigger
+from test_resume import cure_poison, poison
 
 from bq_backfill.setup import setup_database
-from devtools import services
 from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
 
-ROLE = f"backfill_writer_{os.getpid()}"  # roles are the server's, not the database's: one of this session's own
+ROLE = WRITER_ROLE
 
 
 @pytest.fixture
-def writer(pg, monkeypatch):
-    """The writer role, granted by the setup step (run as the tables' owner); the DSN it logs in with."""
-    role = sql.Identifier(ROLE)
-    if pg.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [ROLE]).fetchone() is None:
-        pg.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'writer-password'").format(role))
-    setup_database(pg, ROLE, grant_delete=False)
-    info = psycopg.conninfo.conninfo_to_dict(pg.info.dsn)
-    dsn = psycopg.conninfo.make_conninfo(**{**info, "user": ROLE, "password": "writer-password"})
-    monkeypatch.setenv("AIRFLOW_CONN_WRITER_PG", services.airflow_conn_uri(dsn))
+def writer(pg, writer_role):
+    """The writer role (conftest's writer_role), with a note of every session that writes the target."""
     # who really wrote: the login role of every session that inserts into the target, noted by its owner
     pg.execute("CREATE TABLE writers (login text)")
     pg.execute(
@@ -40,21 +30,19 @@ def writer(pg, monkeypatch):
         "CREATE TRIGGER note_writer AFTER INSERT OR UPDATE ON inventory_movements "
         "FOR EACH STATEMENT EXECUTE FUNCTION note_writer()"
     )
-    yield dsn
-    pg.execute(sql.SQL("DROP OWNED BY {}").format(role))
-    pg.execute(sql.SQL("DROP ROLE {}").format(role))
+    return writer_role
 
 
 def test_whole_backfills_run_as_the_writer_role(pg, bq, backfill_dag, writer):
     rows = inventory_rows(SEED_TENANT, 1_200)
     create_source(bq, [*rows, dict(rows[0], product_code=None)])  # one row for the quarantine
     legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=0, failed=3)  # stale jobs for cleanup to delete
-    poison_trigger(pg)
+    poison(pg)
     run = conf(postgres_conn_id="writer_pg", max_rejected_rows=1)
 
     dr = backfill_dag.test(run_conf=run)  # cold; chunk 3 fails
     assert dr.state == "failed"
-    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+    cure_poison(pg)
     clear_with_downstream(backfill_dag, dr.run_id, [("load_chunk", 3)])
     assert drive(backfill_dag, dr.run_id).state == "success"  # resumed
     assert backfill_dag.test(run_conf=run).state == "success"  # re-run, nothing changed
@@ -62,7 +50,9 @@ def test_whole_backfills_run_as_the_writer_role(pg, bq, backfill_dag, writer):
     assert target_rows(pg, SEED_TENANT) == as_tuples(rows)
     first, again = jobs(pg)
     assert (first["status"], first["rejected_records"], again["status"]) == ("completed", 1, "completed")
-    assert {c["write_path"] for c in chunks(pg, again["id"])} == {"proven"}
+    # the note_writer trigger fires on the target's writes: chunks upsert and check, never COPY; a re-run compares
+    assert {c["write_path"] for c in chunks(pg, first["id"])} == {"upsert"}
+    assert {c["write_path"] for c in chunks(pg, again["id"])} == {"unchanged"}
     assert {w for (w,) in pg.execute("SELECT DISTINCT login FROM writers")} == {ROLE}
 
 
@@ -98,7 +88,7 @@ def test_the_setup_dag_grants_the_writer_role(pg_bare, airflow_db, pg_server, mo
     if pg_bare.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [ROLE]).fetchone() is None:
         pg_bare.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
     setup = DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill_setup")
-    assert setup.params.get_param("postgres_conn_id").schema["enum"] == ["postgres_default"]
+    assert setup.params.get_param("postgres_conn_id").schema["enum"] == ["postgres_default", "pooled_pg"]
 
     dr = setup.test(run_conf={"writer_role": ROLE, "grant_delete": True})
 
@@ -119,3 +109,18 @@ def test_the_setup_dag_grants_the_writer_role(pg_bare, airflow_db, pg_server, mo
     ]
     pg_bare.execute(sql.SQL("DROP OWNED BY {}").format(role))
     pg_bare.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
+def test_the_setup_grants_only_roles_the_deployment_allows(pg_bare, airflow_db, pg_server, monkeypatch):
+    """Setup revokes what a writer role held before granting: whoever may trigger it must not name any role."""
+    from airflow.dag_processing.dagbag import DagBag
+    from helpers import ROOT
+
+    setup = DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill_setup")
+    assert setup.params.get_param("writer_role").schema["enum"] == [None, ROLE]  # the trigger form and the API
+    for role in ("postgres", "pg_monitor", "someone_else"):
+        with pytest.raises(PermissionError, match=f"writer_role '{role}' is not allowed by this deployment"):
+            setup_database(pg_bare, role, grant_delete=False)
+    monkeypatch.setenv("AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_WRITER_ROLES", f"{ROLE},postgres")
+    with pytest.raises(PermissionError, match="is the role setup runs as"):
+        setup_database(pg_bare, "postgres", grant_delete=False)  # would revoke the owner's own

@@ -1,11 +1,11 @@
-"""Each of finalize's checks can fail: rows a trigger swallows (COPY and upsert paths), a snapshot that gives fewer
-keys than its chunks read, and a quarantine row that went missing."""
+"""Each of finalize's checks can fail: a snapshot that gives fewer keys than its chunks read, and a quarantine row
+that went missing; rows a trigger swallows fail their chunk before that."""
 
 from __future__ import annotations
 
 from airflow_run import clear_with_downstream, drive
 from helpers import conf, jobs
-from test_resume import poison_trigger
+from test_resume import cure_poison, poison
 
 from bq_backfill import ledger
 from devtools.seed import SEED_TENANT, create_source, insert_target, inventory_rows
@@ -23,37 +23,28 @@ def _swallow(pg, product_code: str) -> None:
     )
 
 
-def test_a_row_a_trigger_swallows_in_a_copy_fails_the_count_check(pg, bq, backfill_dag):
-    create_source(bq, inventory_rows(SEED_TENANT, 600))
+def test_a_row_a_trigger_swallows_fails_its_chunk_naming_the_trigger_on_the_copy_and_the_upsert_paths(
+    pg, bq, backfill_dag
+):
+    rows = inventory_rows(SEED_TENANT, 600)
+    create_source(bq, rows)
     ledger.apply_schema(pg)
-    _swallow(pg, "P0000300")
+    insert_target(pg, rows[250:260])  # chunk 1's range holds rows already (the upsert); the others are empty
+    _swallow(pg, "P0000300")  # in chunk 1
+    pg.execute(
+        "CREATE TRIGGER swallow_too BEFORE INSERT ON inventory_movements FOR EACH ROW "
+        "EXECUTE FUNCTION swallow('P0000010')"
+    )
 
     dr = backfill_dag.test(run_conf=conf())
 
     assert dr.state == "failed"
     [job] = jobs(pg)
     assert job["status"] == "failed"
-    assert (
-        "rows read 600 != inserted 599 + updated 0 + unchanged 0 + duplicate 0 + rejected 0 = 599"
-        in (job["error_message"])
-    )
-
-
-def test_a_row_a_trigger_swallows_in_an_upsert_fails_the_count_check(pg, bq, backfill_dag):
-    rows = inventory_rows(SEED_TENANT, 600)
-    create_source(bq, rows)
-    ledger.apply_schema(pg)
-    insert_target(pg, rows[250:260])  # chunk 1's range holds rows already: its slice takes the upsert path
-    _swallow(pg, "P0000300")
-
-    dr = backfill_dag.test(run_conf=conf())
-
-    assert dr.state == "failed"
-    [job] = jobs(pg)
-    assert (
-        "rows read 600 != inserted 589 + updated 0 + unchanged 10 + duplicate 0 + rejected 0 = 599"
-        in (job["error_message"])
-    )
+    message = "do not hold the source's values: trigger(s) swallow, swallow_too on inventory_movements changed"
+    assert "2 of 3 chunks did not finish" in job["error_message"]
+    for chunk in ("#0 of 3 [0, 250)", "#1 of 3 [250, 500)"):  # a COPY range and an upsert range
+        assert f"chunk {chunk}: after writing, 1 of 250 rows in inventory_movements {message}" in job["error_message"]
 
 
 def _failed_then(pg, bq, backfill_dag, damage, quarantined: bool = True) -> str:
@@ -62,12 +53,12 @@ def _failed_then(pg, bq, backfill_dag, damage, quarantined: bool = True) -> str:
     rows = inventory_rows(SEED_TENANT, 1_200)
     create_source(bq, [*rows, dict(rows[0], product_code=None)] if quarantined else rows)
     ledger.apply_schema(pg)
-    poison_trigger(pg)
+    poison(pg)
     dr = backfill_dag.test(run_conf=conf(max_rejected_rows=1))
     assert dr.state == "failed"
     [job] = jobs(pg)
     damage(job["id"])
-    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+    cure_poison(pg)
 
     clear_with_downstream(backfill_dag, dr.run_id, [("load_chunk", 3)])
     dr = drive(backfill_dag, dr.run_id)

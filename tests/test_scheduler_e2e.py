@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from browser import logged_in_page
 from helpers import ROOT, chunks, conf, jobs, stall_first_write, wait_for_stalled_chunk
-from test_resume import POISON, poison_trigger
+from test_resume import POISON, REFUSED, cure_poison, poison
 
 from bq_backfill import ledger
 from devtools import services
@@ -55,7 +55,7 @@ def target_asset_uri(dsn: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, bq_emulator, pg_admin, pg_server):
+def stack(tmp_path_factory, bq_emulator, pg_admin, pg_server, pooler):
     env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
     env["BACKFILL_CHUNK_RETRIES"] = "0"  # a killed chunk fails for good here: the test clears it by hand
     home = tmp_path_factory.mktemp("airflow")
@@ -92,7 +92,7 @@ def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, pg_server, bq, sta
     create_source(bq, source)
     ledger.apply_schema(pg)
     legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=206)
-    poison_trigger(pg, product_code=POISON)  # chunk 1 of [0, 500), [500, 1000), ...
+    poison(pg, product_code=POISON)  # chunk 1 of [0, 500), [500, 1000), ...
     run_conf = conf(chunk_size=500)
     watch = psycopg.connect(pg_server, autocommit=True)
     most_active = 0
@@ -108,13 +108,13 @@ def test_resume_and_one_run_at_a_time_under_the_scheduler(pg, pg_server, bq, sta
     states = stack.task_states(DAG, run_a)
     assert states[("load_chunk", 1)] == "failed" and states[("finalize", -1)] == "failed"
     [job] = jobs(pg)
-    assert job["status"] == "failed" and "refusing product" in job["error_message"]
+    assert job["status"] == "failed" and REFUSED in job["error_message"]
     assert asset_events(stack) == [] and downstream_runs(stack) == []  # a failed run tells nobody it landed
     done_before = {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"]) if c["status"] == "done"}
     assert sorted(done_before) == [0, 2, 3, 4, 5]
 
     # 2. fix the cause, clear the failed chunk with downstream through the REST API: the run finishes
-    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+    cure_poison(pg)
     cleared = stack.api(
         "POST",
         f"/dags/{DAG}/clearTaskInstances",
@@ -248,6 +248,22 @@ def test_the_backfills_page_is_only_served_to_logged_in_users(pg, stack):
         timeout=10,
     )
     assert bad.status_code == 400 and "not one of" in bad.text  # only connections the deployment allows
+
+
+def test_the_backfills_page_reads_through_a_transaction_pooler(stack, pooler):
+    with psycopg.connect(pooler["direct"], autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        ledger.apply_schema(conn)
+        legacy_jobs(conn, SEED_TENANT, "inventory", running=1, pending=2)
+    for _ in range(8):  # more than psycopg's prepare threshold, each on one of the pooler's two server connections
+        got = httpx.get(
+            f"{stack.base}/backfills/api/jobs",
+            params={"conn_id": "pooled_pg", "tenant_id": SEED_TENANT},
+            headers={"Authorization": f"Bearer {stack.token}"},
+            timeout=10,
+        )
+        assert got.status_code == 200, got.text
+        assert [j["status"] for j in got.json()["jobs"]].count("pending") == 2
 
 
 def test_the_trigger_form_keeps_a_tenant_to_a_uuids_length_and_refuses_a_bad_one_before_a_run(stack):

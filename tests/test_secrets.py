@@ -7,7 +7,7 @@ import json
 
 from airflow_run import clear_with_downstream, drive
 from helpers import conf, jobs
-from test_resume import poison_trigger
+from test_resume import cure_poison, poison
 
 from devtools import services
 from devtools.seed import PROJECT, SEED_TENANT, create_source, inventory_rows
@@ -60,7 +60,7 @@ def _service_account_key() -> tuple[dict, list[str]]:
 
 def test_a_google_key_is_in_no_log_message_or_exception(pg, bq, bq_emulator, backfill_dag, monkeypatch, capfd, caplog):
     create_source(bq, inventory_rows(SEED_TENANT, 1_200))
-    poison_trigger(pg)
+    poison(pg)
     # A run with the emulator's own (anonymous) connection stops at the poisoned chunk; then the connection gets a
     # key whose token cannot be fetched, and the whole run, cleared, fails in cleanup: its job's error_message says so.
     anonymous = json.loads(services.gcp_connection(PROJECT, bq_emulator))
@@ -71,7 +71,7 @@ def test_a_google_key_is_in_no_log_message_or_exception(pg, bq, bq_emulator, bac
     extra = {k: v for k, v in anonymous["extra"].items() if k != "is_anonymous"}
     keyed = {**anonymous, "extra": {**extra, "keyfile_dict": json.dumps(key)}}
     monkeypatch.setenv("AIRFLOW_CONN_SECRET_GCP", json.dumps(keyed))
-    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+    cure_poison(pg)
     capfd.readouterr()
     caplog.clear()
 

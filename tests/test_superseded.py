@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from airflow_run import clear_with_downstream, drive
 from helpers import conf, jobs, table_state
-from test_resume import poison_trigger
+from test_resume import cure_poison, poison
 
 from bq_backfill import ledger
 from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
@@ -20,10 +20,10 @@ def test_clearing_a_failed_run_after_a_newer_run_completed_writes_no_old_data(pg
     rows = inventory_rows(SEED_TENANT, 1_200)
     create_source(bq, rows)
     ledger.apply_schema(pg)
-    poison_trigger(pg)
+    poison(pg)
     run_a = backfill_dag.test(run_conf=conf())  # fails at chunk 3, its snapshot (old values) left in scratch
     assert run_a.state == "failed"
-    pg.execute("DROP TRIGGER refuse_poison ON inventory_movements")
+    cure_poison(pg)
     newer = _newer_values(bq, rows)
     run_b = backfill_dag.test(run_conf=conf())  # its cleanup deletes A's failed job
     assert run_b.state == "success"

@@ -1,7 +1,8 @@
 """The two connections a run uses: Postgres through PostgresHook (psycopg 3), BigQuery through the google provider.
 
-Every wait is bounded. A Postgres transaction of this package starts by setting, for itself only (so that a
-connection pooler in transaction mode sees nothing it would refuse): a statement timeout, a lock timeout (a chunk
+Every connection works through a connection pooler in transaction mode: nothing outlives its transaction (no
+prepared statement, no session setting, no session lock; temp tables are dropped on commit). Every wait is bounded.
+A Postgres transaction of this package starts by setting, for itself only: a statement timeout, a lock timeout (a chunk
 behind the leftover session of a killed attempt, or behind another session's uncommitted key, fails as transient
 and is retried), an idle-in-transaction timeout, and TCP keepalives, with which the server ends the session of a
 worker that vanished without closing its connection.
@@ -43,6 +44,29 @@ def pg_session_settings() -> dict[str, str]:
     return settings
 
 
+# What a server or pooler answers at connect time that waiting does not change (libpq gives no SQLSTATE there)
+_REFUSED_FOR_GOOD = (
+    "does not exist",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "no such database",
+    "no such user",
+    "permission denied",
+)
+
+
+def connect_error(message: str, exc: Exception) -> Exception:
+    """A connection that failed, as an error that says whether a retry can help: ConnectionError (transient: a
+    server restarting, a pooler with no free slot) or LookupError / PermissionError (an undefined connection, an
+    unknown database or role, a refused password: fix it, then clear)."""
+    if type(exc).__name__ == "AirflowNotFoundException":
+        return LookupError(f"{message}: define the connection in Airflow (or AIRFLOW_CONN_*), then clear")
+    text = str(exc)
+    if any(phrase in text for phrase in _REFUSED_FOR_GOOD):
+        return PermissionError(message)
+    return ConnectionError(message)
+
+
 @contextmanager
 def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
     """A psycopg 3 connection from PostgresHook; one transaction, committed on success, rolled back on error."""
@@ -52,9 +76,12 @@ def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
     try:
         conn = PostgresHook(postgres_conn_id=conn_id).get_conn()
     except Exception as exc:  # not defined (AirflowNotFoundException), refused, bad password, unknown database
-        raise ConnectionError(f"cannot connect to Postgres connection {conn_id!r}: {exc}".strip()) from exc
+        raise connect_error(f"cannot connect to Postgres connection {conn_id!r}: {exc}".strip(), exc) from exc
     if not isinstance(conn, psycopg.Connection):
         raise TypeError(f"connection {conn_id!r} did not give a psycopg 3 connection; install psycopg[binary]")
+    # Never a server-side prepared statement: behind a pooler in transaction mode the next client of the same
+    # server connection would meet this one's ("prepared statement _pg3_0 already exists").
+    conn.prepare_threshold = None
     try:
         with conn.transaction():
             conn.execute(
@@ -70,7 +97,7 @@ def bigquery(conn_id: str) -> BigQuerySource:
     try:
         return BigQuerySource.from_connection(conn_id)
     except Exception as exc:  # the hook raises several driver errors for a missing or broken connection
-        raise ConnectionError(f"cannot use BigQuery connection {conn_id!r}: {exc}") from exc
+        raise connect_error(f"cannot use BigQuery connection {conn_id!r}: {exc}", exc) from exc
 
 
 def source_table(s: Settings, bq: BigQuerySource) -> TableRef:

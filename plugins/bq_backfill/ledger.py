@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -20,6 +20,15 @@ from bq_backfill.models import Model
 from bq_backfill.sqlfiles import sql_text
 
 log = logging.getLogger(__name__)
+
+
+LEDGER_TABLES = (
+    "bigquery_backfill_jobs",
+    "backfill_source_progress",
+    "backfill_chunks",
+    "backfill_quarantine",
+    "backfill_range_proofs",
+)
 
 
 @dataclass(frozen=True)
@@ -105,12 +114,17 @@ class ActiveRunError(RuntimeError):
     """Another dag run is actively working on the same tenant+model."""
 
 
+class LegacyLoopRunningError(ActiveRunError):
+    """A job row of the old backfill loop (no dag run) changed recently: that loop is still running."""
+
+
 class SupersededError(RuntimeError):
     """A later run of the same tenant+model completed with newer data: this run must not write its older data."""
 
 
-# A job whose dag run Airflow does not know (another Airflow, a dag.test) is alive while it makes progress this
-# recently; a job whose run Airflow knows is alive exactly while Airflow says the run is queued or running.
+# A job whose dag run Airflow does not know (another Airflow, a dag.test), or a job of the old loop (no dag run), is
+# alive while it or its progress changed this recently; a job whose run Airflow knows is alive exactly while Airflow
+# says the run is queued or running.
 LIVE_JOB_SECONDS = 15 * 60
 
 # (dag_id, run_id) -> True: queued or running; False: known to Airflow and finished; None: unknown to Airflow
@@ -127,7 +141,17 @@ def delete_stale_jobs(
     """Deletes the tenant+model's pending/running/failed jobs of other runs, refusing (deleting nothing) if one of
     them belongs to a run that is still alive."""
     params = {"tenant_id": tenant_id, "model_type": model_type, **run.params()}
-    for other in _all(conn, "other_runs_jobs.sql", params):
+    for other in _all(conn, "other_runs_jobs.sql", {**params, "live_seconds": LIVE_JOB_SECONDS}):
+        if other["dag_run_id"] is None:
+            if other["status"] != "failed" and other["recent"]:
+                raise LegacyLoopRunningError(
+                    f"tenant {tenant_id} model {model_type!r}: job {other['id']} of the old backfill loop (no dag "
+                    f"run, {other['status']}) changed at {other['last_activity']:%Y-%m-%d %H:%M:%S%z}, less than "
+                    f"{LIVE_JOB_SECONDS // 60} minutes ago: the old loop is still running, and would write over "
+                    "this run. Nothing deleted. Stop the old loop first (README: Migrating from the old loop), "
+                    "wait until its jobs stop changing, then trigger again."
+                )
+            continue
         why = _alive(conn, other, run_active)
         if why:
             raise ActiveRunError(
@@ -148,9 +172,8 @@ def _alive(conn: psycopg.Connection, job: dict[str, Any], run_active: RunState) 
     active = run_active(job["dag_id"], job["dag_run_id"])
     if active:
         return "Airflow says its run is still queued or running"
-    recent = job["updated_at"] > datetime.now(UTC) - timedelta(seconds=LIVE_JOB_SECONDS)
-    if active is None and job["status"] != "failed" and recent:
-        return f"a run Airflow does not know, last progress {job['updated_at']:%Y-%m-%d %H:%M:%S%z}"
+    if active is None and job["status"] != "failed" and job["recent"]:
+        return f"a run Airflow does not know, last progress {job['last_activity']:%Y-%m-%d %H:%M:%S%z}"
     return None
 
 
@@ -295,6 +318,11 @@ def chunk_key_proofs(conn: psycopg.Connection, job_id: str) -> dict[int, tuple[i
     """start offset -> (rows read, key proof) of the job's done chunks that recorded one."""
     rows = _all(conn, "chunk_key_proofs.sql", {"job_id": job_id})
     return {r["start_offset"]: (r["rows_read"], r["key_proof"]) for r in rows}
+
+
+def legacy_jobs_during_run(conn: psycopg.Connection, job_id: str) -> list[dict[str, Any]]:
+    """Jobs of the old loop of the job's tenant+model that changed since the job started (at most 5, latest first)."""
+    return _all(conn, "legacy_jobs_during_run.sql", {"job_id": job_id})
 
 
 def unfinished_chunks(conn: psycopg.Connection, job_id: str) -> list[dict[str, Any]]:

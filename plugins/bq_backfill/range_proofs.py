@@ -29,6 +29,8 @@ from psycopg.types.json import Jsonb
 from bq_backfill.models import Model
 from bq_backfill.target_rows import VERSION_COLUMN, KeyRange, in_range
 
+PROOF_FORMAT = b"bq-backfill-2"
+
 
 @dataclass(frozen=True)
 class ProofKey:
@@ -45,7 +47,9 @@ def digest(model: Model, rows: pa.Table) -> bytes:
     """A digest of the rows' model columns, in their order: Arrow IPC of one record batch (the same bytes for the
     same values and types, however the rows were batched), hashed with BLAKE2b."""
     table = rows.select(list(model.column_names)).combine_chunks()
-    hasher = hashlib.blake2b(digest_size=32)
+    # personalised by proof format: proofs recorded before COPYs were refused on tables with insert triggers could
+    # describe rows a trigger changed, and never match again
+    hasher = hashlib.blake2b(digest_size=32, person=PROOF_FORMAT)
     # the IPC stream goes straight into the hash: no second copy of the slice in memory
     with pa.ipc.new_stream(pa.PythonFile(_HashWriter(hasher), mode="w"), table.schema) as writer:
         writer.write_table(table, max_chunksize=max(table.num_rows, 1))

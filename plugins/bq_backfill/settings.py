@@ -24,6 +24,8 @@ ALLOWLISTS = {
 }
 # The setup DAG's connection: a role that may change the schema, which backfill runs must not be able to name.
 SETUP_CONN_OPTION = ("allowed_setup_postgres_conn_ids", "postgres_default")
+# The roles the setup DAG may grant a run's privileges to (after revoking what they held): none unless configured.
+WRITER_ROLES_OPTION = "allowed_writer_roles"
 NUMERIC_ROUNDING = ("reject", "round")
 # a tenant id: a uuid, in either letter case
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -39,6 +41,23 @@ def allowed(param: str) -> list[str]:
 
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,249}$"  # a connection id
+
+
+def allowed_writer_roles() -> list[str]:
+    """The roles the setup DAG may grant to ([bigquery_backfill] allowed_writer_roles; unset: none)."""
+    from airflow.configuration import conf
+
+    raw = conf.get(CONFIG_SECTION, WRITER_ROLES_OPTION, fallback="") or ""
+    return list(dict.fromkeys(v.strip() for v in raw.split(",") if v.strip()))
+
+
+def check_writer_role(role: str) -> None:
+    if role not in allowed_writer_roles():
+        raise PermissionError(
+            f"writer_role {role!r} is not allowed by this deployment: setup revokes everything a writer role held "
+            f"on the tables, then grants it a run's privileges, so only roles named in [{CONFIG_SECTION}] "
+            f"{WRITER_ROLES_OPTION} (AIRFLOW__{CONFIG_SECTION.upper()}__{WRITER_ROLES_OPTION.upper()}) can be given"
+        )
 
 
 def allowlisted_param(param: str, preferred: str, pattern: str = NAME_PATTERN, description: str = "") -> Any:

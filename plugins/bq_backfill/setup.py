@@ -12,24 +12,18 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bq_backfill import ledger
+from bq_backfill import ledger, target_checks
 from bq_backfill.models import MODELS
+from bq_backfill.settings import check_writer_role
 from bq_backfill.sqlfiles import sql_text
 
 log = logging.getLogger(__name__)
-
-LEDGER_TABLES = (
-    "bigquery_backfill_jobs",
-    "backfill_source_progress",
-    "backfill_chunks",
-    "backfill_quarantine",
-    "backfill_range_proofs",
-)
 
 
 def setup_database(conn: psycopg.Connection, writer_role: str | None, grant_delete: bool) -> dict[str, Any]:
     """Applies schema.sql, creates the one-active-job index if no legacy duplicates block it, and grants
     `writer_role` what a run needs (DELETE on the targets only with `grant_delete`). Returns what it did."""
+    target_checks.check_server_version(conn.info.server_version)
     ledger.apply_schema(conn)
     blocked = ledger.ensure_active_job_index(conn)
     for row in blocked:
@@ -46,7 +40,7 @@ def setup_database(conn: psycopg.Connection, writer_role: str | None, grant_dele
     targets = sorted({m.target_table for m in MODELS.values()})
     log.info(
         "backfill tables set up: ledger %s, targets %s; one-active-job index %s; %s",
-        ", ".join(LEDGER_TABLES),
+        ", ".join(ledger.LEDGER_TABLES),
         ", ".join(targets),
         "in place" if not blocked else f"blocked by {len(blocked)} tenant+model pairs",
         f"role {writer_role} granted what a run needs" + (" (with DELETE on the targets)" if grant_delete else "")
@@ -57,16 +51,22 @@ def setup_database(conn: psycopg.Connection, writer_role: str | None, grant_dele
 
 
 def grant(conn: psycopg.Connection, role: str, grant_delete: bool) -> None:
+    check_writer_role(role)
     if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone() is None:
         raise LookupError(f"role {role!r} does not exist: create it first (CREATE ROLE {role} LOGIN PASSWORD …)")
-    database, schema = conn.execute("SELECT current_database(), current_schema()").fetchone()
+    database, schema, owner = conn.execute("SELECT current_database(), current_schema(), current_user").fetchone()
+    if role == owner:
+        raise PermissionError(
+            f"writer_role {role!r} is the role setup runs as (the tables' owner): granting it a run's privileges "
+            "would first revoke its own; give the role the backfill runs connect as"
+        )
     targets = sql.SQL(", ").join(sql.Identifier(t) for t in sorted({m.target_table for m in MODELS.values()}))
     conn.execute(
         sql.SQL(sql_text("grants.sql")).format(
             role=sql.Identifier(role),
             database=sql.Identifier(database),
             schema=sql.Identifier(schema),
-            ledger=sql.SQL(", ").join(map(sql.Identifier, LEDGER_TABLES)),
+            ledger=sql.SQL(", ").join(map(sql.Identifier, ledger.LEDGER_TABLES)),
             targets=targets,
         )
     )

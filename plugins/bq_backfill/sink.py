@@ -21,6 +21,7 @@ from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 from bq_backfill import range_proofs, target_rows
+from bq_backfill.errors import PermanentChunkError
 from bq_backfill.models import Model
 from bq_backfill.validate import Rejected
 
@@ -39,9 +40,7 @@ def _temp_table_from_arrow(
 ) -> None:
     """A transaction-scoped temp table of the given model columns (their types, no constraints) plus the source
     offset, filled from the Arrow rows with COPY. Replaces the previous slice's table of the same transaction."""
-    typed = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns if c.name in columns
-    )
+    typed = typed_columns(model, columns)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(table))
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} ({}, {} bigint) ON COMMIT DROP").format(
@@ -49,6 +48,13 @@ def _temp_table_from_arrow(
         )
     )
     copy_arrow(conn, table, rows.select([*columns, OFFSET_COLUMN]))
+
+
+def typed_columns(model: Model, columns: tuple[str, ...]) -> sql.Composable:
+    """`name type, ...` of the given model columns, in the model's order, for a CREATE TABLE."""
+    return sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns if c.name in columns
+    )
 
 
 def quarantine(conn: psycopg.Connection, job_id: str, chunk_index: int, rejected: Rejected) -> int:
@@ -79,8 +85,8 @@ class Landed:
     rows as an earlier run proved it: nothing fetched or written), `unchanged` (every row already there with the
     same values: nothing written) or `upsert` (staged, then INSERT ... ON CONFLICT).
 
-    Each count is what the database reports or was seen to hold, not a difference of other counts: rows that a
-    trigger or rule swallowed show as a shortfall when the chunk's counts are reconciled with the rows read.
+    Each count is what the database reports or was seen to hold, not a difference of other counts; rows that a
+    trigger or rule changed or swallowed fail the chunk instead (TargetRowsDifferError).
 
     `versions`: when the slice's key range was seen, in this transaction, to hold exactly its rows (a range proof
     recorded or used), the range's row versions (xmin -> rows); otherwise None."""
@@ -99,12 +105,14 @@ def land_rows(
     rows: pa.Table,
     keys: target_rows.KeyRange | None = None,
     proof: range_proofs.ProofKey | None = None,
+    triggers: tuple[str, ...] = (),
 ) -> Landed:
     """Writes validated rows (every key column set) to the target by the cheapest path that gives the upsert's
     result. Offsets follow the key order, so a chunk covers one key range of the tenant: the target's rows in that
     range decide the path. `keys`: the rows' key_range(), if already computed (e.g. by a reader thread). `proof`:
     the slice's proof key, to use a proof an earlier run recorded, and to record one when the range ends up
-    holding exactly these rows."""
+    holding exactly these rows. `triggers`: the user triggers that fire on the target's inserts or updates
+    (target_checks.write_guards); with any, rows are written only by the staged upsert, whose result is checked."""
     if rows.num_rows == 0:
         return Landed("unchanged", 0, 0, 0)
     keys = keys or target_rows.key_range(model, rows)
@@ -115,9 +123,11 @@ def land_rows(
             return Landed("proven", 0, 0, n, versions)
         columns = [c for c in model.column_names if c != model.tenant_column]
         existing = target_rows.rows_in_range(conn, model, tenant_id, keys, columns, rows.schema, proof is not None)
-        if existing is not None and existing.num_rows == 0:
+        if existing is not None and existing.num_rows == 0 and not triggers:
             copied = _copy_into_empty_range(conn, model, rows)
             if copied is not None:
+                if copied != n:  # a trigger created without the caller knowing, or a rule: never a short COPY
+                    raise TargetRowsDifferError(_differs(model, n, copied, triggers))
                 held = range_proofs.record_copied(conn, model, proof, rows, copied) if proof else None
                 return Landed("copy", copied, 0, 0, held)
         if existing is not None and _same_rows(model, rows, existing.select(columns)):
@@ -127,7 +137,7 @@ def land_rows(
                 held = versions if range_proofs.record(conn, proof, n, versions) else None
             return Landed("unchanged", 0, 0, n, held)
     stage_rows(conn, model, rows)
-    return Landed("upsert", **upsert_staged(conn, model))
+    return Landed("upsert", **upsert_staged(conn, model, triggers))
 
 
 def _same_rows(model: Model, rows: pa.Table, existing: pa.Table) -> bool:
@@ -160,12 +170,32 @@ def _copy_into_empty_range(conn: psycopg.Connection, model: Model, rows: pa.Tabl
         return None
 
 
-def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
+class TargetRowsDifferError(PermanentChunkError):
+    """After a write, the target does not hold the source's values: a trigger or rule changed or skipped rows."""
+
+
+def _differs(model: Model, staged: int, held: int, triggers: tuple[str, ...]) -> str:
+    table = model.target_table
+    cause = (
+        f"trigger(s) {', '.join(triggers)} on {table} changed or skipped them"
+        if triggers
+        else f"no trigger on {table} fires on this session's writes: a rule, or another session, changed them"
+    )
+    return (
+        f"after writing, {staged - held} of {staged} rows in {table} do not hold the source's values: {cause}. "
+        "A backfill lands the source's values exactly: disable such triggers while it runs (ALTER TABLE "
+        f"{table} DISABLE TRIGGER name) or make them leave the model's columns alone, then clear the chunk"
+    )
+
+
+def upsert_staged(conn: psycopg.Connection, model: Model, triggers: tuple[str, ...] = ()) -> dict[str, int]:
     """Upserts the staged rows (already validated: every key column set) into the target.
 
     Duplicate keys in the chunk collapse to the last one by source offset (ON CONFLICT cannot touch a row twice);
     unchanged rows are not rewritten, so a re-run leaves no dead tuples. Returns inserted/updated counts (from the
     statement's RETURNING) and unchanged: the staged rows the target then holds value for value, less those two.
+    Raises TargetRowsDifferError when the target then holds fewer of the staged rows than there are (a trigger or
+    rule changed or skipped some; `triggers` names those the caller knows of): the chunk rolls back.
     """
     target = sql.Identifier(model.target_table)
     cols = sql.SQL(", ").join(map(sql.Identifier, model.column_names))
@@ -187,7 +217,8 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
             RETURNING (xmax = 0) AS inserted
         )
         SELECT (SELECT count(*) FROM upserted WHERE inserted)        AS inserted,
-               (SELECT count(*) FROM upserted WHERE NOT inserted)    AS updated
+               (SELECT count(*) FROM upserted WHERE NOT inserted)    AS updated,
+               (SELECT count(*) FROM src)                            AS staged
         """
     ).format(
         src=src,
@@ -200,7 +231,7 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
     )
     row = conn.execute(query).fetchone()
     assert row is not None
-    inserted, updated = int(row[0]), int(row[1])
+    inserted, updated, staged = int(row[0]), int(row[1]), int(row[2])
     # Checked after the statement, not derived from it: a row a trigger skipped or changed is not counted.
     holds = sql.SQL(
         "WITH src AS ({src}) SELECT count(*) FROM src JOIN {target} AS t USING ({key}) "
@@ -212,9 +243,12 @@ def upsert_staged(conn: psycopg.Connection, model: Model) -> dict[str, int]:
         current=current,
         staged=sql.SQL(", ").join(sql.SQL("src.{}").format(sql.Identifier(c)) for c in values),
     )
-    matched = conn.execute(holds).fetchone()
-    assert matched is not None
-    return {"inserted": inserted, "updated": updated, "unchanged": int(matched[0]) - inserted - updated}
+    found = conn.execute(holds).fetchone()
+    assert found is not None
+    matched = int(found[0])
+    if matched != staged:
+        raise TargetRowsDifferError(_differs(model, staged, matched, triggers))
+    return {"inserted": inserted, "updated": updated, "unchanged": matched - inserted - updated}
 
 
 def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id: str, keys: pa.Table) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 
-from bq_backfill import chunk_proofs, ledger, process_memory, range_proofs, sink, slicing, target_rows
+from bq_backfill import chunk_proofs, ledger, process_memory, range_proofs, sink, slicing, target_checks, target_rows
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import PermanentChunkError, SourceReadError
 from bq_backfill.settings import Settings
@@ -84,6 +84,14 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 return {"read": 0, "skipped": 1}
             job = ledger.find_job_by_id(conn, job_id)
             ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)  # older data never over newer
+            triggers = target_checks.write_guards(conn, model).triggers
+            if triggers:
+                log.info(
+                    "%s: trigger(s) %s fire on writes to %s: every slice is upserted and its result checked",
+                    label,
+                    ", ".join(triggers),
+                    model.target_table,
+                )
             assert job.snapshot_table is not None
             if reader is None or reader.snapshot != job.snapshot_table:  # the job's snapshot is the one to read
                 reader = stack.enter_context(SliceReader(bq, s, job.snapshot_table, label, start, end, step))
@@ -99,7 +107,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 rejected = sink.quarantine(conn, job_id, index, piece.rejected)
                 digest = piece.digest
                 proof = range_proofs.ProofKey(s.tenant_id, s.model_type, digest, job_id) if digest else None
-                landed = sink.land_rows(conn, model, s.tenant_id, piece.good, piece.keys, proof)
+                landed = sink.land_rows(conn, model, s.tenant_id, piece.good, piece.keys, proof, triggers)
                 _tally(counts, piece, rejected, landed, paths)
                 key_proof.add(piece.lo, piece.keys, rejected, landed.versions)
                 del piece
@@ -109,6 +117,8 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
             job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing}, path, key_proof.proof())
     except psycopg.OperationalError:
         raise  # connection-level: a retry can succeed
+    except (sink.TargetRowsDifferError, target_checks.TargetRefusedError) as exc:
+        raise PermanentChunkError(f"{label}: {exc}") from exc
     except psycopg.DatabaseError as exc:
         raise PermanentChunkError(f"{label}: Postgres refused the chunk: {exc}".strip()) from exc
     t2 = time.monotonic()

@@ -6,8 +6,9 @@ import logging
 
 import psycopg
 
-from bq_backfill import ledger
+from bq_backfill import ledger, target_checks
 from bq_backfill.connections import bigquery, postgres, source_table
+from bq_backfill.errors import SourceReadError
 from bq_backfill.ledger import RunKey
 from bq_backfill.settings import Settings
 
@@ -32,10 +33,11 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
     source = source_table(s, bq)
     try:
         bq.check_source(s.model, source)
-    except Exception as exc:
-        raise ConnectionError(f"BigQuery connection {s.gcp_conn_id!r}: {exc}") from exc
+    except Exception as exc:  # retried only if its cause is transient
+        raise SourceReadError(f"BigQuery connection {s.gcp_conn_id!r}: {exc}") from exc
     with postgres(s.postgres_conn_id) as conn:
         ledger.check_schema(conn, s.model)
+        target_checks.check_target(conn, s.model, ledger.LEDGER_TABLES)
         ledger.lock_tenant_model(conn, s.tenant_id, s.model_type)
         deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type, run_active)
         job, created = ledger.claim_job(conn, run, s.tenant_id, s.model_type)

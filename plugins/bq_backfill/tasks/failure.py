@@ -17,7 +17,8 @@ def mark_job_failed(
     s: Settings, run: RunKey, task_label: str, error: BaseException | None, chunk_index: int = -1
 ) -> None:
     message = f"{task_label} failed: {error}" if error else f"{task_label} failed"
-    if isinstance(error, UpstreamNotDoneError):
+    # the task may have raised it wrapped (AirflowFailException: fail without a retry)
+    if isinstance(error, UpstreamNotDoneError) or isinstance(getattr(error, "__cause__", None), UpstreamNotDoneError):
         log.error("%s; the job keeps the error of the task that failed first", message)
         return
     try:

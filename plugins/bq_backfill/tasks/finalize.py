@@ -46,6 +46,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         totals = ledger.chunk_totals(conn, job.id)
         unfinished = ledger.unfinished_chunks(conn, job.id)
         key_proofs = ledger.chunk_key_proofs(conn, job.id)
+        legacy = ledger.legacy_jobs_during_run(conn, job.id)
         if job.snapshot_table is None:
             if job.status == "failed":  # plan's own failure callback said why: keep its message
                 raise ReconciliationError(f"job {job.id} failed before it was planned: {job.error_message}")
@@ -63,6 +64,13 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
             ledger.fail_job(conn, run, message)
     if unfinished:
         raise ReconciliationError(f"job {job.id}: {message}")
+    if legacy:
+        raise ReconciliationError(
+            f"job {job.id}: the old backfill loop wrote while this run did (its job "
+            + ", ".join(f"{j['id']} {j['status']} at {j['last_activity']:%Y-%m-%d %H:%M:%S%z}" for j in legacy)
+            + f"), so rows of tenant {s.tenant_id} in {model.target_table} may hold its older values. Stop the old "
+            "loop (README: Migrating from the old loop), then trigger a new run: its cleanup removes those jobs"
+        )
     assert job.total_records is not None  # recorded with the snapshot
     problems = _count_problems(totals, job.total_records)
 

@@ -48,8 +48,7 @@ def create_app() -> FastAPI:
         conn_id: str | None = None,
         limit: Annotated[int, Query(ge=1, le=100)] = 50,
     ) -> dict[str, Any]:
-        from airflow.providers.postgres.hooks.postgres import PostgresHook
-
+        from bq_backfill.connections import postgres
         from bq_backfill.settings import allowed
         from bq_backfill.ui.jobs import latest_jobs
 
@@ -60,7 +59,7 @@ def create_app() -> FastAPI:
         import psycopg
 
         try:
-            with PostgresHook(postgres_conn_id=conn_id).get_conn() as conn:
+            with postgres(conn_id) as conn:  # one transaction, as every connection of the package: pooler-safe
                 conn.execute("SET TRANSACTION READ ONLY")
                 conn.execute("SELECT set_config('statement_timeout', '10s', true)")
                 rows = latest_jobs(conn, tenant_id.lower() if tenant_id else None, limit)
@@ -68,6 +67,8 @@ def create_app() -> FastAPI:
             raise HTTPException(
                 503, f"no backfill ledger behind connection {conn_id!r} ({exc}): run the DAG bigquery_backfill_setup"
             ) from exc
+        except (ConnectionError, psycopg.OperationalError) as exc:  # down, or its pooler busy: try again later
+            raise HTTPException(503, f"Postgres connection {conn_id!r} is not answering: {exc}") from exc
         return {"dag_id": DAG_ID, "conn_id": conn_id, "jobs": rows}
 
     return app
