@@ -1,9 +1,9 @@
-"""The benchmark's scale configurations (README "Performance"), each against a raw COPY measured in the same round:
+"""The benchmark's scale configurations (docs/performance.md), each against a raw COPY measured in the same round:
 
   --shared-target N   the target already holds N rows of other tenants (default 20,000,000, loaded by COPY before
                       timing); the ceiling is a raw COPY of the tenant's rows into that same table
   --scheduler         trigger through the REST API -> run success, under api-server + scheduler + dag-processor with
-                      LocalExecutor (the deployment settings of README "Settings for a deployment")
+                      LocalExecutor (the deployment settings of docs/deploy.md "Settings for a deployment")
   --tenant-rows N     the whole DAG, cold and with nothing changed, for a tenant of N rows (e.g. 5,000,000)
 
 `make bench` runs all three after bench/run.py's rounds. Figures are merged into bench/results/results.json.
@@ -40,7 +40,7 @@ from devtools.seed import PROJECT, SEED_TENANT, inventory_table
 DAG = "bigquery_backfill"
 LEDGER = ("backfill_chunks", "backfill_quarantine", "backfill_range_proofs", "backfill_source_progress",
           "bigquery_backfill_jobs")  # fmt: skip
-# What a deployment sets for a short run's latency (README "Settings for a deployment", docker-compose.yaml).
+# What a deployment sets for a short run's latency (docs/deploy.md "Settings for a deployment", docker-compose.yaml).
 DEPLOYMENT_ENV = {
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
 }

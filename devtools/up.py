@@ -2,7 +2,7 @@
 
 Postgres (the stuck tenant: 207 job rows, 2% of its rows synced), the BigQuery emulator seeded as for `make demo`,
 and Airflow's api-server, scheduler, dag-processor and triggerer on 127.0.0.1. Prints the UI's address, user and
-password; README "Try it in the UI" walks through a run.
+password; docs/airflow.md "Try it in the UI" walks through a run.
 """
 
 from __future__ import annotations

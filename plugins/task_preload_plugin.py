@@ -5,7 +5,8 @@ The scheduler loads plugins before its LocalExecutor forks its worker processes,
 from one of those: it then starts with these modules already imported instead of importing them itself, which costs
 a task about 0.6 s on a quiet 2-core machine and up to 1.7 s on a busy one, four times per run (cleanup, plan, the
 chunks, finalize). Like any plugin, the code is read when the process starts: restart the scheduler and workers
-after changing it (README "Settings for a deployment"). Off with `[bigquery_backfill] preload_task_modules = False`.
+after changing it (docs/deploy.md "Settings for a deployment"). Off with
+`[bigquery_backfill] preload_task_modules = False`.
 """
 
 from __future__ import annotations

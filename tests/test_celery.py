@@ -18,7 +18,7 @@ from devtools.airflow_stack import airflow_stack
 from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
 
 DAG = "bigquery_backfill"
-HEARTBEAT_TIMEOUT_S = 10  # production: [scheduler] task_instance_heartbeat_timeout, 300 s by default (README)
+HEARTBEAT_TIMEOUT_S = 10  # production: [scheduler] task_instance_heartbeat_timeout, 300 s by default (docs/failures.md)
 
 
 @pytest.fixture(scope="module")

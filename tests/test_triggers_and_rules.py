@@ -113,6 +113,8 @@ def test_a_trigger_that_leaves_the_models_values_alone_is_upserted_and_checked(p
 
 def test_a_rule_is_refused_by_cleanup_and_by_a_chunk(pg):
     ledger.apply_schema(pg)
+    source = inventory_rows(SEED_TENANT, 200)
+    _land(pg, source[:100])
     _rule(pg)
     with (
         pg.transaction(),
@@ -120,10 +122,12 @@ def test_a_rule_is_refused_by_cleanup_and_by_a_chunk(pg):
     ):
         target_checks.check_target(pg, MODEL, ledger.LEDGER_TABLES)
     assert "COPY ignores rules" in str(refused.value) and "DROP RULE" in str(refused.value)
-    for rows in (inventory_rows(SEED_TENANT, 50), inventory_rows(SEED_TENANT, 60)):  # cold, then changed
+    changed = [{**r, "movement_type": "recount"} for r in source[:100]]
+    for rows in (source[100:], source[:100], changed):  # cold (an empty range), a re-run, after source changes
         with pytest.raises(target_checks.TargetRefusedError, match="since the run's cleanup"):
             _land(pg, rows)
     assert pg.execute("SELECT count(*) FROM movement_log").fetchone() == (0,)
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source[:100])
 
 
 def test_runs_on_a_target_with_a_trigger_or_a_rule_never_end_success_with_other_values(pg, bq, backfill_dag):

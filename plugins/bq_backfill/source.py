@@ -149,8 +149,8 @@ def _retryable(exc: BaseException) -> bool:
 
 @contextmanager
 def needs(step: str, permissions: str) -> Iterator[None]:
-    """Turns BigQuery's refusal of `step` into an error naming the permissions that step needs (README: Permissions);
-    a rate or quota refusal is left as it is, to be retried."""
+    """Turns BigQuery's refusal of `step` into an error naming the permissions that step needs (docs/bigquery.md:
+    Permissions); a rate or quota refusal is left as it is, to be retried."""
     try:
         yield
     except Forbidden as exc:  # REST: 403 with a reason; gRPC: PERMISSION_DENIED (a subclass)
