@@ -23,7 +23,7 @@ from datetime import timedelta
 
 from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
-from bq_backfill.lineage import finalize_task
+from bq_backfill.lineage import FinalizeOperator
 from bq_backfill.models import MODELS
 from bq_backfill.settings import NUMERIC_ROUNDING, UUID_PATTERN, allowed, allowlisted_param, default_bytes_cap
 
@@ -56,6 +56,23 @@ def _retried_if_transient(step, *args):
         if is_transient(exc):
             raise  # Airflow retries with backoff
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _finalize() -> dict:
+    from bq_backfill.assets import event_extra
+    from bq_backfill.tasks.finalize import finalize as run
+
+    ctx = get_current_context()
+    states = ctx["ti"].get_task_states(
+        dag_id=ctx["dag"].dag_id, run_ids=[ctx["run_id"]], task_ids=["cleanup_stale_jobs", "plan_chunks"]
+    )
+    not_done = sorted(f"{t} {st}" for t, st in states.get(ctx["run_id"], {}).items() if st != "success")
+    s = _settings()
+    result = _retried_if_transient(run, s, _run(), not_done)
+    if result.get("asset_uri"):
+        extra = event_extra(result, s.tenant_id, s.model_type, result["job_id"])
+        ctx["outlet_events"][TARGETS].add(Asset(result["asset_uri"]), extra=extra)
+    return result
 
 
 def _settings():
@@ -197,28 +214,15 @@ def bigquery_backfill():
         return _retried_if_transient(run, _settings(), chunk)
 
     # also after a failed or killed chunk: the job must not stay `running`. A completed run (only) emits an asset
-    # event on the model's target table, through the alias (the table's URI depends on the run's connection). A @task
-    # that also reports OpenLineage.
-    @finalize_task(trigger_rule="all_done", outlets=[TARGETS], multiple_outputs=False, **RETRIES)
-    def finalize() -> dict:
-        from bq_backfill.assets import event_extra
-        from bq_backfill.tasks.finalize import finalize as run
-
-        ctx = get_current_context()
-        states = ctx["ti"].get_task_states(
-            dag_id=ctx["dag"].dag_id, run_ids=[ctx["run_id"]], task_ids=["cleanup_stale_jobs", "plan_chunks"]
-        )
-        not_done = sorted(f"{t} {st}" for t, st in states.get(ctx["run_id"], {}).items() if st != "success")
-        s = _settings()
-        result = _retried_if_transient(run, s, _run(), not_done)
-        if result.get("asset_uri"):
-            extra = event_extra(result, s.tenant_id, s.model_type, result["job_id"])
-            ctx["outlet_events"][TARGETS].add(Asset(result["asset_uri"]), extra=extra)
-        return result
+    # event on the model's target table, through the alias (the table's URI depends on the run's connection), and
+    # reports OpenLineage (FinalizeOperator, the standard provider's PythonOperator).
+    finalize = FinalizeOperator(
+        task_id="finalize", python_callable=_finalize, trigger_rule="all_done", outlets=[TARGETS], **RETRIES
+    )
 
     planned = plan_chunks()
     cleanup_stale_jobs() >> planned
-    load_chunk.expand(chunk=planned) >> finalize()
+    load_chunk.expand(chunk=planned) >> finalize
 
 
 bigquery_backfill()

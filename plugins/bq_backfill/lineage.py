@@ -10,17 +10,16 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
-from airflow.sdk.bases.decorator import task_decorator_factory
+from airflow.providers.standard.operators.python import PythonOperator
 
 # Postgres type of a model column -> the BigQuery type the source holds it in
 BIGQUERY_TYPES = {"uuid": "STRING", "date": "DATE", "text": "STRING", "timestamptz": "TIMESTAMP", "bigint": "INT64"}
 
 
-class FinalizeOperator(_PythonDecoratedOperator):
-    """A @task whose return value (finalize's result) also gives the run's lineage."""
+class FinalizeOperator(PythonOperator):
+    """finalize: a PythonOperator (the standard provider's public operator) whose return value (finalize's result)
+    also gives the run's lineage, through the OpenLineage provider's operator interface."""
 
-    custom_operator_name = "@task"
     _result: dict[str, Any] | None = None
 
     def execute(self, context: Any) -> Any:
@@ -32,11 +31,6 @@ class FinalizeOperator(_PythonDecoratedOperator):
         if not result or not result.get("asset_uri"):
             return None  # a dry run, or no completed job: nothing landed
         return run_lineage(result)
-
-
-def finalize_task(**kwargs: Any) -> Any:
-    """@task for finalize, with its lineage."""
-    return task_decorator_factory(decorated_operator_class=FinalizeOperator, **kwargs)
 
 
 def run_lineage(result: dict[str, Any]) -> Any:
