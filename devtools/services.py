@@ -229,6 +229,7 @@ default_pool_size = {pool_size}
 max_client_conn = 200
 ignore_startup_parameters = extra_float_digits
 server_reset_query =
+stats_period = 1
 """
     )
     for name in ("users.txt", "pgbouncer.ini"):

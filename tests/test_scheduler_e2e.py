@@ -255,7 +255,7 @@ def test_the_backfills_page_reads_through_a_transaction_pooler(stack, pooler):
         conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         ledger.apply_schema(conn)
         legacy_jobs(conn, SEED_TENANT, "inventory", running=1, pending=2)
-    for _ in range(8):  # more than psycopg's prepare threshold, each on one of the pooler's two server connections
+    for _ in range(8):  # each request one transaction, on one of the pooler's two server connections
         got = httpx.get(
             f"{stack.base}/backfills/api/jobs",
             params={"conn_id": "pooled_pg", "tenant_id": SEED_TENANT},

@@ -52,7 +52,7 @@ def _land(pg, rows):
     table = _chunk_rows(rows)
     proof = range_proofs.ProofKey(SEED_TENANT, "inventory", range_proofs.digest(MODEL, table), "0" * 32)
     with pg.transaction():
-        triggers = target_checks.write_guards(pg, MODEL).triggers
+        triggers = target_checks.write_guards(pg, MODEL, ledger.LEDGER_TABLES).triggers
         return sink.land_rows(pg, MODEL, SEED_TENANT, table, proof=proof, triggers=triggers)
 
 
@@ -124,7 +124,7 @@ def test_a_rule_is_refused_by_cleanup_and_by_a_chunk(pg):
     assert "COPY ignores rules" in str(refused.value) and "DROP RULE" in str(refused.value)
     changed = [{**r, "movement_type": "recount"} for r in source[:100]]
     for rows in (source[100:], source[:100], changed):  # cold (an empty range), a re-run, after source changes
-        with pytest.raises(target_checks.TargetRefusedError, match="since the run's cleanup"):
+        with pytest.raises(target_checks.TargetRefusedError, match="has rules \\(log_movements\\)"):
             _land(pg, rows)
     assert pg.execute("SELECT count(*) FROM movement_log").fetchone() == (0,)
     assert target_rows(pg, SEED_TENANT) == as_tuples(source[:100])
@@ -151,3 +151,23 @@ def test_runs_on_a_target_with_a_trigger_or_a_rule_never_end_success_with_other_
     assert refused.state == "failed"
     assert {ti.task_id: ti.state for ti in refused.get_task_instances()}["cleanup_stale_jobs"] == "failed"
     assert target_rows(pg, SEED_TENANT) == as_tuples(source[:10])
+
+
+def test_a_trigger_that_keeps_rows_delete_missing_deletes_fails_the_run_and_deletes_nothing(pg, bq, backfill_dag):
+    source = inventory_rows(SEED_TENANT, 300)
+    create_source(bq, source[:290])
+    ledger.apply_schema(pg)
+    insert_target(pg, source)  # 10 rows whose key is no longer in the source
+    pg.execute("CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$")
+    pg.execute("CREATE TRIGGER keep_rows BEFORE DELETE ON inventory_movements FOR EACH ROW EXECUTE FUNCTION keep()")
+
+    dr = backfill_dag.test(run_conf=conf(delete_missing=True, max_deleted_rows=10))
+
+    assert dr.state == "failed"
+    [job] = jobs(pg)
+    assert job["status"] == "failed"
+    assert (
+        "delete_missing deleted 0 of 10 target rows missing from the source; 10 are still in inventory_movements: "
+        "trigger(s) keep_rows kept them"
+    ) in job["error_message"]
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)

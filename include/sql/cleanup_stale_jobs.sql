@@ -8,6 +8,10 @@ WITH stale AS (
       AND model_type = %(model_type)s
       AND status IN ('pending', 'running', 'failed')
       AND (dag_id IS DISTINCT FROM %(dag_id)s OR dag_run_id IS DISTINCT FROM %(dag_run_id)s)
+      -- an old-loop job that changed since it was judged stale stays (re-checked on the locked row): the run's
+      -- finalize then finds it (legacy_jobs_during_run.sql)
+      AND NOT (dag_run_id IS NULL AND status <> 'failed'
+               AND greatest(updated_at, created_at) > now() - make_interval(secs => %(live_seconds)s))
     FOR UPDATE
 ),
 deleted_progress AS (

@@ -159,7 +159,7 @@ def delete_stale_jobs(
                 f"(job {other['id']}, {other['status']}: {why}); nothing deleted. "
                 "Wait for that run to end, or mark it failed, then trigger again."
             )
-    row = _one(conn, "cleanup_stale_jobs.sql", params)
+    row = _one(conn, "cleanup_stale_jobs.sql", {**params, "live_seconds": LIVE_JOB_SECONDS})
     assert row is not None
     return {k: int(v) for k, v in row.items()}
 

@@ -24,6 +24,8 @@ def setup_database(conn: psycopg.Connection, writer_role: str | None, grant_dele
     """Applies schema.sql, creates the one-active-job index if no legacy duplicates block it, and grants
     `writer_role` what a run needs (DELETE on the targets only with `grant_delete`). Returns what it did."""
     target_checks.check_server_version(conn.info.server_version)
+    if writer_role:
+        check_writer_role(writer_role)  # before any DDL
     ledger.apply_schema(conn)
     blocked = ledger.ensure_active_job_index(conn)
     for row in blocked:

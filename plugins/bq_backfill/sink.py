@@ -40,20 +40,27 @@ def _temp_table_from_arrow(
 ) -> None:
     """A transaction-scoped temp table of the given model columns (their types, no constraints) plus the source
     offset, filled from the Arrow rows with COPY. Replaces the previous slice's table of the same transaction."""
-    typed = typed_columns(model, columns)
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(table))
-    conn.execute(
-        sql.SQL("CREATE TEMP TABLE {} ({}, {} bigint) ON COMMIT DROP").format(
-            table, typed, sql.Identifier(OFFSET_COLUMN)
-        )
-    )
+    create_temp_table(conn, table, model, columns, sql.SQL("{} bigint").format(sql.Identifier(OFFSET_COLUMN)))
     copy_arrow(conn, table, rows.select([*columns, OFFSET_COLUMN]))
 
 
-def typed_columns(model: Model, columns: tuple[str, ...]) -> sql.Composable:
-    """`name type, ...` of the given model columns, in the model's order, for a CREATE TABLE."""
-    return sql.SQL(", ").join(
+def create_temp_table(
+    conn: psycopg.Connection,
+    table: sql.Identifier,
+    model: Model,
+    columns: tuple[str, ...],
+    extra: sql.Composable | None = None,
+) -> None:
+    """A transaction-scoped temp table of the given model columns (the model's types, in its order; no constraints),
+    plus `extra` column definitions; replaces one of the same name earlier in the transaction."""
+    typed = [
         sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns if c.name in columns
+    ]
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(table))
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(
+            table, sql.SQL(", ").join([*typed, *filter(None, [extra])])
+        )
     )
 
 
@@ -108,11 +115,13 @@ def land_rows(
     triggers: tuple[str, ...] = (),
 ) -> Landed:
     """Writes validated rows (every key column set) to the target by the cheapest path that gives the upsert's
-    result. Offsets follow the key order, so a chunk covers one key range of the tenant: the target's rows in that
-    range decide the path. `keys`: the rows' key_range(), if already computed (e.g. by a reader thread). `proof`:
-    the slice's proof key, to use a proof an earlier run recorded, and to record one when the range ends up
-    holding exactly these rows. `triggers`: the user triggers that fire on the target's inserts or updates
-    (target_checks.write_guards); with any, rows are written only by the staged upsert, whose result is checked."""
+    result (with a trigger on the target: the snapshot's values, or TargetRowsDifferError; a path that writes
+    nothing fires nothing). Offsets follow the key order, so a chunk covers one key range of the tenant: the
+    target's rows in that range decide the path. `keys`: the rows' key_range(), if already computed (e.g. by a
+    reader thread). `proof`: the slice's proof key, to use a proof an earlier run recorded, and to record one when
+    the range ends up holding exactly these rows. `triggers`: the user triggers that fire on the target's inserts
+    or updates (target_checks.write_guards); with any, rows are written only by the staged upsert, whose result is
+    checked."""
     if rows.num_rows == 0:
         return Landed("unchanged", 0, 0, 0)
     keys = keys or target_rows.key_range(model, rows)

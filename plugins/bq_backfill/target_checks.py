@@ -7,9 +7,11 @@ Checked by cleanup, each naming the table, the role and the fix:
 - row-level security active for the run's role on the target or a ledger table (COPY FROM refuses such a table,
   and a policy that hides rows would make the key, version and deletion checks wrong);
 - rules on those tables (COPY ignores rules, INSERT ... ON CONFLICT refuses a table with INSERT or UPDATE rules).
+Each chunk checks them again (write_guards).
 
 Triggers are allowed: a chunk asks which fire on its writes (write_guards) and, when one does, writes only by the
-staged upsert, whose result it checks value for value (sink.upsert_staged).
+staged upsert, whose result it checks value for value (sink.upsert_staged); finalize checks that delete_missing
+left no row it was to delete (a DELETE trigger can keep one).
 """
 
 from __future__ import annotations
@@ -75,14 +77,15 @@ def check_target(conn: psycopg.Connection, model: Model, ledger_tables: tuple[st
 def column_type_mismatches(conn: psycopg.Connection, model: Model) -> list[tuple[str, str, str]]:
     """(column, model type, target type) for each model column whose target type differs, both as Postgres spells
     them: the model's types are read back from a transaction-scoped temp table declared with them."""
-    typed = sink.typed_columns(model, model.column_names)
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(MODEL_TYPES))
-    conn.execute(sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(MODEL_TYPES, typed))
+    sink.create_temp_table(conn, MODEL_TYPES, model, model.column_names)
     rows = conn.execute(
         sql_text("column_type_mismatches.sql"),
         {"model_table": f"pg_temp.{MODEL_TYPES.as_string(conn)}", "target_table": model.target_table},
     ).fetchall()
     return [(name, want, have) for name, want, have in rows]
+
+
+INSERT_OR_UPDATE, DELETE = 4 | 16, 8  # pg_trigger.tgtype's event bits
 
 
 @dataclass(frozen=True)
@@ -92,19 +95,17 @@ class WriteGuards:
     triggers: tuple[str, ...]
 
 
-def write_guards(conn: psycopg.Connection, model: Model) -> WriteGuards:
-    """Locks the target against schema changes until the transaction ends (ROW EXCLUSIVE: what the writes take
-    anyway; CREATE TRIGGER and CREATE RULE wait for it) and lists the triggers that would fire on its writes;
-    refuses a rule created since cleanup."""
-    target = sql.Identifier(model.target_table)
-    conn.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(target))
-    row = conn.execute(sql_text("write_guards.sql"), {"target_table": model.target_table}).fetchone()
-    assert row is not None
-    triggers, rules = row
-    if rules:
-        raise TargetRefusedError(
-            f"table {model.target_table} has rules ({', '.join(rules)}) since the run's cleanup: COPY ignores rules "
-            f"and INSERT ... ON CONFLICT refuses them. Drop them (DROP RULE name ON {model.target_table}), then "
-            "clear the chunk"
-        )
-    return WriteGuards(tuple(triggers or ()))
+def write_guards(conn: psycopg.Connection, model: Model, ledger_tables: tuple[str, ...]) -> WriteGuards:
+    """For a chunk's transaction: locks the target against schema changes until it ends (ROW EXCLUSIVE, what the
+    writes take anyway: ALTER TABLE, CREATE TRIGGER and CREATE RULE wait for it), checks again what cleanup checked
+    (hours may have passed), and lists the triggers that would fire on its writes."""
+    conn.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(sql.Identifier(model.target_table)))
+    check_target(conn, model, ledger_tables)
+    return WriteGuards(firing_triggers(conn, model, INSERT_OR_UPDATE))
+
+
+def firing_triggers(conn: psycopg.Connection, model: Model, events: int) -> tuple[str, ...]:
+    """The user triggers on the target that fire on this session's writes of these events (INSERT_OR_UPDATE,
+    DELETE)."""
+    row = conn.execute(sql_text("write_guards.sql"), {"target_table": model.target_table, "events": events}).fetchone()
+    return tuple(row[0] or ()) if row else ()

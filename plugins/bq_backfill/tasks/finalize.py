@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from bq_backfill import assets, chunk_proofs, deletions, ledger, range_proofs, sink, slicing
+from bq_backfill import assets, chunk_proofs, deletions, ledger, range_proofs, sink, slicing, target_checks
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import ReconciliationError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
@@ -266,5 +266,14 @@ def _missing_from_source(
             f"{job.snapshot_table}) and trigger again with max_deleted_rows >= {gone} to delete them"
         )
     deleted = deletions.delete_missing(conn, model, s.tenant_id, job.target_snapshot)
+    kept, _ = deletions.count_missing(conn, model, s.tenant_id, job.target_snapshot)
+    if kept:  # a trigger (BEFORE DELETE ... RETURN NULL) or a rule: the tenant is not the snapshot
+        triggers = target_checks.firing_triggers(conn, model, target_checks.DELETE)
+        raise ReconciliationError(
+            f"job {job.id}: delete_missing deleted {deleted} of {gone} target rows missing from the source; {kept} "
+            f"are still in {model.target_table}: "
+            + (f"trigger(s) {', '.join(triggers)} kept them" if triggers else "a rule or another session kept them")
+            + "; nothing deleted, job not completed: disable such triggers while the backfill runs, then trigger again"
+        )
     log.info("deleted %d target rows of tenant %s whose key is no longer in the source", deleted, s.tenant_id)
     return gone, deleted

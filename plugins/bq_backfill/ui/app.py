@@ -1,6 +1,6 @@
 """The Backfills page and its JSON, served by the Airflow api-server to users its auth manager has logged in.
 
-Imported by the api-server only, on the first request (plugins/backfills_plugin.py). Every request goes through
+Imported by the api-server only, on the first request (bq_backfill.ui.plugin). Every request goes through
 Airflow's own `get_user` (the UI's session cookie or a bearer token; anonymous or forged requests are refused) and
 must be allowed to read the backfill DAG's runs (403 otherwise). Reads go through a Postgres connection the
 deployment allows for the DAG ([bigquery_backfill] allowed_postgres_conn_ids), and only the ledger tables.
@@ -69,6 +69,8 @@ def create_app() -> FastAPI:
             ) from exc
         except (ConnectionError, psycopg.OperationalError) as exc:  # down, or its pooler busy: try again later
             raise HTTPException(503, f"Postgres connection {conn_id!r} is not answering: {exc}") from exc
+        except (LookupError, PermissionError) as exc:  # not defined, unknown database or role, refused password
+            raise HTTPException(503, f"Postgres connection {conn_id!r} cannot be used: {exc}") from exc
         return {"dag_id": DAG_ID, "conn_id": conn_id, "jobs": rows}
 
     return app
