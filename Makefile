@@ -5,7 +5,7 @@ VENV ?= .venv
 EMU_VENV ?= .venv-bqemulator
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: test lint install demo up bench clean
+.PHONY: test lint install demo up bench clean dist
 
 install: $(VENV)/.installed $(EMU_VENV)/.installed
 
@@ -28,7 +28,11 @@ test: install lint
 	$(VENV)/bin/python -m pytest tests
 
 clean:
-	rm -rf $(VENV) $(EMU_VENV)
+	rm -rf $(VENV) $(EMU_VENV) dist
+
+# What a deployment installs or uploads (README "Deploy"): the wheel, MWAA's plugins.zip and dags, Composer's folders.
+dist: $(VENV)/.installed
+	$(VENV)/bin/python -m devtools.dist
 
 # The stuck tenant (207 jobs, 2% synced) and its fix by one DAG run under a real Airflow, on local services.
 demo: install

@@ -1,35 +1,6 @@
-"""Airflow plugin: the "Backfills" page of the bigquery_backfill DAG, in the UI's navigation."""
+"""The Backfills page, for deployments that copy the plugins folder (Cloud Composer's bucket, MWAA's plugins.zip).
+An installed package registers the same plugin through its `airflow.plugins` entry point; Airflow loads it once."""
 
-from __future__ import annotations
+from bq_backfill.ui.plugin import BackfillsPlugin
 
-from typing import ClassVar
-
-from airflow.plugins_manager import AirflowPlugin
-
-
-class _LazyApp:
-    """The FastAPI app, built when the api-server first asks for it (workers load plugins too and never serve it)."""
-
-    def __init__(self) -> None:
-        self._app = None
-
-    async def __call__(self, scope, receive, send) -> None:
-        if self._app is None:
-            from bq_backfill.ui.app import create_app
-
-            self._app = create_app()
-        await self._app(scope, receive, send)
-
-
-class BackfillsPlugin(AirflowPlugin):
-    name = "bigquery_backfill"
-    fastapi_apps: ClassVar[list[dict]] = [{"app": _LazyApp(), "url_prefix": "/backfills", "name": "Backfills"}]
-    external_views: ClassVar[list[dict]] = [
-        {
-            "name": "Backfills",
-            "href": "/backfills/",
-            "destination": "nav",
-            "url_route": "backfills",
-            "category": "browse",
-        }
-    ]
+__all__ = ["BackfillsPlugin"]

@@ -1,1 +1,1 @@
-"""The Backfills page: a FastAPI app the Airflow api-server mounts (see plugins/backfills_plugin.py)."""
+"""The Backfills page: a FastAPI app the Airflow api-server mounts (the plugin: bq_backfill.ui.plugin)."""
