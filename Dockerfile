@@ -1,4 +1,4 @@
-# Airflow image with this project's pinned dependencies (same Airflow version as requirements.txt).
+# Airflow image with this project's dependencies, pinned by constraints.txt (the same Airflow version as the image).
 FROM apache/airflow:3.3.2-python3.11
 COPY requirements.txt constraints.txt /opt/backfill/
 RUN pip install --no-cache-dir -r /opt/backfill/requirements.txt -c /opt/backfill/constraints.txt

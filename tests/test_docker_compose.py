@@ -58,7 +58,7 @@ def test_build_files_exist_and_pin_the_same_airflow():
     init_sql = SERVICES["postgres"]["volumes"][1].split(":")[0]
     assert (ROOT / init_sql).exists()
     base = re.search(r"^FROM apache/airflow:(\S+?)-python", (ROOT / "Dockerfile").read_text(), re.M).group(1)
-    assert f"apache-airflow=={base}\n" in (ROOT / "requirements.txt").read_text()
+    assert f"apache-airflow=={base}\n" in (ROOT / "constraints.txt").read_text()  # the image's pins
     for dockerfile in (ROOT / "Dockerfile", ROOT / "docker" / "bqemulator.Dockerfile"):
         for copied in re.findall(r"^COPY (.+) \S+$", dockerfile.read_text(), re.M):
             for path in copied.split():
