@@ -16,6 +16,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from bq_backfill.settings import allowed_writer_roles, allowlisted_param
 
 _ROLE = r"^[a-z_][a-z0-9_]{0,62}$"
+_WRITER_ROLES = allowed_writer_roles()  # read once, when the file is parsed
 
 
 @dag(
@@ -35,9 +36,9 @@ _ROLE = r"^[a-z_][a-z0-9_]{0,62}$"
             None,
             type=["null", "string"],
             pattern=_ROLE,
-            enum=[None, *allowed_writer_roles()],
+            enum=[None, *_WRITER_ROLES],
             description="Role the backfill runs connect as: granted exactly what a run needs. Empty: no grants. "
-            f"One of: {', '.join(allowed_writer_roles()) or 'none configured'}.",
+            f"One of: {', '.join(_WRITER_ROLES) or 'none configured'}.",
         ),
         "grant_delete": Param(
             False, type="boolean", description="Also grant DELETE on the target tables (for delete_missing runs)."

@@ -52,7 +52,7 @@ def _land(pg, rows):
     table = _chunk_rows(rows)
     proof = range_proofs.ProofKey(SEED_TENANT, "inventory", range_proofs.digest(MODEL, table), "0" * 32)
     with pg.transaction():
-        triggers = target_checks.write_guards(pg, MODEL, ledger.LEDGER_TABLES).triggers
+        triggers = target_checks.write_guards(pg, MODEL, ledger.LEDGER_TABLES)
         return sink.land_rows(pg, MODEL, SEED_TENANT, table, proof=proof, triggers=triggers)
 
 

@@ -36,7 +36,11 @@ def allowed(param: str) -> list[str]:
     from airflow.configuration import conf
 
     option, default = SETUP_CONN_OPTION if param == "setup_postgres_conn_id" else ALLOWLISTS[param]
-    raw = conf.get(CONFIG_SECTION, option, fallback=default) or default  # never an empty list
+    return _listed(conf.get(CONFIG_SECTION, option, fallback=default) or default)  # never an empty list
+
+
+def _listed(raw: str) -> list[str]:
+    """A comma-separated option's values, in the order configured, each once."""
     return list(dict.fromkeys(v.strip() for v in raw.split(",") if v.strip()))
 
 
@@ -47,8 +51,7 @@ def allowed_writer_roles() -> list[str]:
     """The roles the setup DAG may grant to ([bigquery_backfill] allowed_writer_roles; unset: none)."""
     from airflow.configuration import conf
 
-    raw = conf.get(CONFIG_SECTION, WRITER_ROLES_OPTION, fallback="") or ""
-    return list(dict.fromkeys(v.strip() for v in raw.split(",") if v.strip()))
+    return _listed(conf.get(CONFIG_SECTION, WRITER_ROLES_OPTION, fallback="") or "")
 
 
 def check_writer_role(role: str) -> None:

@@ -16,8 +16,6 @@ left no row it was to delete (a DELETE trigger can keep one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import psycopg
 from psycopg import sql
 
@@ -88,20 +86,14 @@ def column_type_mismatches(conn: psycopg.Connection, model: Model) -> list[tuple
 INSERT_OR_UPDATE, DELETE = 4 | 16, 8  # pg_trigger.tgtype's event bits
 
 
-@dataclass(frozen=True)
-class WriteGuards:
-    """The user triggers that fire on this session's inserts or updates of the target (none: every path is exact)."""
-
-    triggers: tuple[str, ...]
-
-
-def write_guards(conn: psycopg.Connection, model: Model, ledger_tables: tuple[str, ...]) -> WriteGuards:
+def write_guards(conn: psycopg.Connection, model: Model, ledger_tables: tuple[str, ...]) -> tuple[str, ...]:
     """For a chunk's transaction: locks the target against schema changes until it ends (ROW EXCLUSIVE, what the
     writes take anyway: ALTER TABLE, CREATE TRIGGER and CREATE RULE wait for it), checks again what cleanup checked
-    (hours may have passed), and lists the triggers that would fire on its writes."""
+    (hours may have passed), and returns the user triggers that would fire on its inserts or updates (none: every
+    write path is exact)."""
     conn.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(sql.Identifier(model.target_table)))
     check_target(conn, model, ledger_tables)
-    return WriteGuards(firing_triggers(conn, model, INSERT_OR_UPDATE))
+    return firing_triggers(conn, model, INSERT_OR_UPDATE)
 
 
 def firing_triggers(conn: psycopg.Connection, model: Model, events: int) -> tuple[str, ...]:
