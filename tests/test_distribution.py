@@ -1,7 +1,11 @@
 """What a deployment installs or uploads (`make dist`, devtools/dist.py) runs a backfill without the repository:
-the wheel installed into a folder of its own, MWAA's plugins.zip unpacked into a plugins folder, Cloud Composer's
+the wheel pip-installed into a fresh virtualenv, MWAA's plugins.zip unpacked into a plugins folder, Cloud Composer's
 dags folder with no plugins at all. Each in a fresh Python process whose path holds only what that platform puts
 there (never the repository's plugins/ or include/), a dags folder of the DAG files alone, and the real services.
+
+The fresh virtualenv stands for a platform's image: Airflow and its providers are already there (this environment's
+site-packages, through a .pth file), and pip, with no index to download from, must find every requirement of the
+wheel satisfied by them and install the wheel alone.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -33,23 +38,69 @@ print("STATE", bag.get_dag("bigquery_backfill").test(run_conf=json.loads(sys.arg
 """
 
 
-def _run(dags: Path, plugins: Path, path: list[Path]) -> dict[str, str]:
-    """A cold run in a process of its own with this dags folder, plugins folder and sys.path; what it printed."""
+# What the api-server would serve: the plugins Airflow loads, the apps it mounts, the UI's navigation entries.
+API_SERVER = """
+import json, sys
+from airflow.api_fastapi.app import create_app
+from airflow.dag_processing.dagbag import DagBag
+from airflow.plugins_manager import get_plugin_info
+app = create_app("all")
+print("PLUGINS", json.dumps(sorted(p["name"] for p in get_plugin_info() if p["name"].startswith("bigquery_backfill"))))
+paths = [getattr(route, "path", "") for route in app.routes]
+print("MOUNTS", json.dumps(sorted(path for path in paths if path.startswith("/backfills"))))
+print("NAV", json.dumps([v["name"] for p in get_plugin_info() for v in p.get("external_views", [])]))
+bag = DagBag(dag_folder=sys.argv[1])
+print("ERRORS", json.dumps(bag.import_errors))
+print("STATE", sorted(bag.dag_ids))
+"""
+
+
+def _run(
+    dags: Path,
+    plugins: Path,
+    path: list[Path],
+    python: Path | str = sys.executable,
+    script: str = RUN,
+    env_extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """`script` (by default a cold run) in a process of its own with this interpreter, dags folder, plugins folder
+    and sys.path; what it printed."""  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(
         {
             "PYTHONPATH": os.pathsep.join(map(str, path)),
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),
+            **(env_extra or {}),
         }
     )
     out = subprocess.run(
-        [sys.executable, "-c", RUN, str(dags), json.dumps(conf(chunk_size=300))],
+        [str(python), "-c", script, str(dags), json.dumps(conf(chunk_size=300))],
         env=env, capture_output=True, text=True, timeout=300, cwd=dags,
     )  # fmt: skip
     printed = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ", 1)[0].isupper())
     assert "STATE" in printed, out.stderr[-4000:]
     return printed
+
+
+def _fresh_virtualenv(path: Path) -> Path:
+    """A new virtualenv whose base packages are this environment's (the platform's image); its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                        text=True).strip())  # fmt: skip
+    (site / "platform_image.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    return python
+
+
+def _pip_install(python: Path, wheel: Path) -> str:
+    """pip installs the wheel into that virtualenv from no index at all; what pip printed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", str(wheel)],
+        capture_output=True, text=True, env={**os.environ, "PIP_CONSTRAINT": "", "PIP_FIND_LINKS": ""},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
 
 
 @pytest.fixture
@@ -70,19 +121,23 @@ def test_the_wheel_holds_the_package_its_sql_and_page_and_registers_its_plugins(
     assert "[airflow.plugins]" in entry_points and "bq_backfill.ui.plugin:BackfillsPlugin" in entry_points
 
 
-def test_the_installed_wheel_runs_from_a_dags_folder_of_the_dag_files_alone(tmp_path, source, pg, airflow_db):
-    site = tmp_path / "site"
+def test_the_wheel_installed_by_pip_runs_from_a_dags_folder_of_the_dag_files_alone(tmp_path, source, pg, airflow_db):
     wheel = dist.build_wheel(tmp_path / "wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)], check=True
-    )
+    python = _fresh_virtualenv(tmp_path / "venv")
+
+    pip_output = _pip_install(python, wheel)
+
+    # every requirement's range admits what the platform has: pip installs nothing but the package
+    assert "Successfully installed bigquery-backfill-" in pip_output, pip_output
+    assert "Installing collected packages: bigquery-backfill\n" in pip_output, pip_output
     dist.copy_dags(tmp_path / "dags")
     (tmp_path / "no_plugins").mkdir()
 
-    printed = _run(tmp_path / "dags", tmp_path / "no_plugins", [site])
+    printed = _run(tmp_path / "dags", tmp_path / "no_plugins", [], python=python)
 
     assert printed["STATE"] == "success"
-    assert printed["SQL"] == str(site / "bq_backfill" / "sql")  # inside the installed package
+    site = Path(printed["SQL"]).parents[1]
+    assert site.is_relative_to(tmp_path / "venv"), site  # inside the package pip installed
     # registered by the package's entry points, with an empty plugins folder
     assert json.loads(printed["PLUGINS"]) == ["bigquery_backfill", "bigquery_backfill_task_preload"]
     assert target_rows(pg, SEED_TENANT) == as_tuples(source)
@@ -113,3 +168,22 @@ def test_composers_dags_folder_runs_without_any_plugin(tmp_path, source, pg, air
     assert json.loads(printed["PLUGINS"]) == []  # no page, and the DAG does not need it
     assert printed["SQL"] == str(tmp_path / "composer" / "dags" / "bq_backfill" / "sql")
     assert target_rows(pg, SEED_TENANT) == as_tuples(source)
+
+
+@pytest.mark.parametrize("page", ["on", "off"])
+def test_the_page_is_served_when_the_plugin_is_on_and_simply_absent_when_it_is_off(tmp_path, page):
+    """`[bigquery_backfill] backfills_page = False` (or no plugin loaded, as on Composer's scheduler): the api-server
+    mounts nothing under /backfills and the navigation has no entry, and both DAGs still parse."""
+    dist.build_composer(tmp_path / "composer")
+    env = {"AIRFLOW__BIGQUERY_BACKFILL__BACKFILLS_PAGE": str(page == "on")}
+
+    printed = _run(tmp_path / "composer" / "dags", tmp_path / "composer" / "plugins", [], script=API_SERVER,
+                   env_extra=env)  # fmt: skip
+
+    assert json.loads(printed["ERRORS"]) == {}
+    assert printed["STATE"] == "['bigquery_backfill', 'bigquery_backfill_setup']"
+    assert json.loads(printed["PLUGINS"]) == ["bigquery_backfill", "bigquery_backfill_task_preload"]
+    if page == "on":
+        assert json.loads(printed["MOUNTS"]) == ["/backfills"] and "Backfills" in json.loads(printed["NAV"])
+    else:
+        assert json.loads(printed["MOUNTS"]) == [] and "Backfills" not in json.loads(printed["NAV"])

@@ -1,13 +1,17 @@
 """Airflow plugin: the "Backfills" page of the bigquery_backfill DAG, in the UI's navigation.
 
 Registered by the installed package's `airflow.plugins` entry point, or found by Airflow in a deployed plugins
-folder (plugins/backfills_plugin.py imports it from here)."""
+folder (plugins/backfills_plugin.py imports it from here). Off with `[bigquery_backfill] backfills_page = False`:
+the plugin then adds nothing to the api-server or the navigation; the DAG never needs it."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
+
+ENABLED = conf.getboolean("bigquery_backfill", "backfills_page", fallback=True)
 
 
 class _LazyApp:
@@ -26,13 +30,19 @@ class _LazyApp:
 
 class BackfillsPlugin(AirflowPlugin):
     name = "bigquery_backfill"
-    fastapi_apps: ClassVar[list[dict]] = [{"app": _LazyApp(), "url_prefix": "/backfills", "name": "Backfills"}]
-    external_views: ClassVar[list[dict]] = [
-        {
-            "name": "Backfills",
-            "href": "/backfills/",
-            "destination": "nav",
-            "url_route": "backfills",
-            "category": "browse",
-        }
-    ]
+    fastapi_apps: ClassVar[list[dict]] = (
+        [{"app": _LazyApp(), "url_prefix": "/backfills", "name": "Backfills"}] if ENABLED else []
+    )
+    external_views: ClassVar[list[dict]] = (
+        [
+            {
+                "name": "Backfills",
+                "href": "/backfills/",
+                "destination": "nav",
+                "url_route": "backfills",
+                "category": "browse",
+            }
+        ]
+        if ENABLED
+        else []
+    )
