@@ -25,9 +25,15 @@ from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 from bq_backfill.lineage import FinalizeOperator
 from bq_backfill.models import MODELS
-from bq_backfill.settings import NUMERIC_ROUNDING, UUID_PATTERN, allowed, allowlisted_param, default_bytes_cap
+from bq_backfill.settings import (
+    NUMERIC_ROUNDING,
+    POOL,
+    UUID_PATTERN,
+    allowed,
+    allowlisted_param,
+    default_bytes_cap,
+)
 
-POOL = "bigquery_backfill_postgres"
 # finalize emits the target table's asset event through this alias: the table's URI depends on the run's connection
 TARGETS = AssetAlias("bigquery_backfill_targets")
 # No task waits forever: past this, Airflow stops it (a chunk is then retried like any transient failure).

@@ -17,6 +17,7 @@ from helpers import ROOT, chunks, conf, jobs, stall_first_write, wait_for_stalle
 from test_resume import POISON, REFUSED, cure_poison, poison
 
 from bq_backfill import ledger
+from bq_backfill.settings import POOL
 from devtools import services
 from devtools.airflow_stack import airflow_stack
 from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
@@ -248,6 +249,23 @@ def test_the_backfills_page_is_only_served_to_logged_in_users(pg, stack):
         timeout=10,
     )
     assert bad.status_code == 400 and "not one of" in bad.text  # only connections the deployment allows
+
+
+def test_the_backfills_page_says_when_the_pool_is_missing_and_how_to_create_it(pg, stack):
+    """Without the pool the scheduler starts no chunk and says so only in its own log: the page says it too."""
+    headers = {"Authorization": f"Bearer {stack.token}"}
+    pool = stack.api("GET", f"/pools/{POOL}")
+    assert httpx.get(f"{stack.base}/backfills/api/jobs", headers=headers, timeout=10).json()["problems"] == []
+    stack.api("DELETE", f"/pools/{POOL}")
+    try:
+        problems = httpx.get(f"{stack.base}/backfills/api/jobs", headers=headers, timeout=10).json()["problems"]
+        assert len(problems) == 1 and f"the pool '{POOL}' does not exist" in problems[0]
+        assert f"airflow pools set {POOL} 4" in problems[0]
+        with logged_in_page(stack) as page:
+            page.goto(f"{stack.base}/backfills/")
+            page.get_by_text(f"the pool '{POOL}' does not exist").wait_for(timeout=15_000)
+    finally:
+        stack.api("POST", "/pools", json={"name": POOL, "slots": pool["slots"], "description": pool["description"]})
 
 
 def test_the_backfills_page_reads_through_a_transaction_pooler(stack, pooler):

@@ -78,7 +78,12 @@ def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
     except Exception as exc:  # not defined (AirflowNotFoundException), refused, bad password, unknown database
         raise connect_error(f"cannot connect to Postgres connection {conn_id!r}: {exc}".strip(), exc) from exc
     if not isinstance(conn, psycopg.Connection):
-        raise TypeError(f"connection {conn_id!r} did not give a psycopg 3 connection; install psycopg[binary]")
+        conn.close()
+        raise TypeError(
+            f"PostgresHook gave connection {conn_id!r} a {type(conn).__module__} connection, not psycopg 3: the "
+            "postgres provider uses psycopg 3 only where psycopg[binary]>=3.2.10 and SQLAlchemy 2 are installed "
+            "(docs/platforms.md)"
+        )
     # Never a server-side prepared statement: behind a pooler in transaction mode the next client of the same
     # server connection would meet this one's ("prepared statement _pg3_0 already exists").
     conn.prepare_threshold = None

@@ -15,6 +15,8 @@ from typing import Any
 from bq_backfill.models import Model, get_model
 
 CONFIG_SECTION = "bigquery_backfill"
+# The Airflow pool bounding the chunks that write to Postgres at once; the deployment creates it (README "Deploy").
+POOL = "bigquery_backfill_postgres"
 # Param -> (configuration option, what is allowed when the option is not set)
 ALLOWLISTS = {
     "gcp_conn_id": ("allowed_gcp_conn_ids", "google_cloud_default"),

@@ -15,9 +15,10 @@ from airflow.api_fastapi.core_api.security import get_user
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
-from bq_backfill.settings import UUID_PATTERN
+from bq_backfill.settings import POOL, UUID_PATTERN
 
 DAG_ID = "bigquery_backfill"
+CREATE_POOL = f'airflow pools set {POOL} 4 "Postgres writers of bigquery_backfill"'
 
 
 def _authorized(user: Any) -> Any:
@@ -33,6 +34,20 @@ def _authorized(user: Any) -> Any:
 
 def authorized(user: Annotated[Any, Depends(get_user)]) -> Any:
     return _authorized(user)
+
+
+def deployment_problems() -> list[str]:
+    """What keeps runs from progressing that only Airflow's metadata database shows (the api-server can read it)."""
+    from airflow.models.pool import Pool
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        if Pool.get_pool(POOL, session=session) is None:
+            return [
+                f"the pool {POOL!r} does not exist: the scheduler starts no load_chunk task (its log says "
+                f'"Tasks using non-existent pool"). Create it: {CREATE_POOL}, or Admin → Pools'
+            ]
+    return []
 
 
 def create_app() -> FastAPI:
@@ -71,6 +86,6 @@ def create_app() -> FastAPI:
             raise HTTPException(503, f"Postgres connection {conn_id!r} is not answering: {exc}") from exc
         except (LookupError, PermissionError) as exc:  # not defined, unknown database or role, refused password
             raise HTTPException(503, f"Postgres connection {conn_id!r} cannot be used: {exc}") from exc
-        return {"dag_id": DAG_ID, "conn_id": conn_id, "jobs": rows}
+        return {"dag_id": DAG_ID, "conn_id": conn_id, "problems": deployment_problems(), "jobs": rows}
 
     return app
