@@ -11,7 +11,7 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 
 install: $(VENV)/.installed $(EMU_VENV)/.installed $(OLDEST_VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
+$(VENV)/.installed: requirements.txt requirements-celery.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) -r requirements-dev.txt -c constraints.txt
 	touch $@
@@ -24,9 +24,12 @@ $(EMU_VENV)/.installed: requirements-emulator.txt constraints-emulator.txt devto
 
 # The oldest supported stack: the package installed at pyproject.toml's lower bounds (Airflow 3.2.1 and its day's
 # providers and libraries), pinned by constraints-oldest.txt.
-$(OLDEST_VENV)/.installed: requirements-oldest.txt constraints-oldest.txt pyproject.toml
+# Installed as a wheel (not editable), so reinstalled whenever the package's code or SQL changes.
+PACKAGE_FILES = $(shell find plugins/bq_backfill include/sql -type f ! -name '*.pyc')
+$(OLDEST_VENV)/.installed: requirements-oldest.txt constraints-oldest.txt pyproject.toml $(PACKAGE_FILES)
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install $(PIP_FLAGS) -r requirements-oldest.txt -c constraints-oldest.txt
+	$(OLDEST_VENV)/bin/pip install $(PIP_FLAGS) --no-deps --force-reinstall .
 	touch $@
 
 # The end-to-end core on the oldest stack: cold run, failed chunk cleared and resumed (dag.test and the scheduler),

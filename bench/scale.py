@@ -43,6 +43,7 @@ LEDGER = ("backfill_chunks", "backfill_quarantine", "backfill_range_proofs", "ba
 # What a deployment sets for a short run's latency (docs/deploy.md "Settings for a deployment", docker-compose.yaml).
 DEPLOYMENT_ENV = {
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
+    "AIRFLOW__BIGQUERY_BACKFILL__PRELOAD_TASK_MODULES": "True",
 }
 
 

@@ -181,6 +181,8 @@ def airflow_stack(
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "600",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        # as docker-compose.yaml: the tasks' modules imported once, before LocalExecutor forks its workers
+        "AIRFLOW__BIGQUERY_BACKFILL__PRELOAD_TASK_MODULES": "True",
     }
     if celery_workers:
         env["AIRFLOW__CORE__EXECUTOR"] = "CeleryExecutor"

@@ -2,17 +2,22 @@
 
 - dist/bigquery_backfill-<version>-py3-none-any.whl: the `bq_backfill` package with its SQL and page, registering
   its Airflow plugins through entry points (Astro, docker compose, any Airflow that installs packages);
-- dist/mwaa/: `plugins.zip` (the package, its SQL inside, and the two plugin modules) and `dags/` (the DAG files);
+- dist/mwaa/: `plugins.zip` (the package, its SQL inside, and the two plugin modules), `dags/` (the DAG files) and
+  `requirements.txt` (the package's requirements under the image's Airflow constraints: `--mwaa-airflow`,
+  `--mwaa-python`);
 - dist/composer/: `dags/` (the DAG files, the package beside them and an .airflowignore, since Cloud Composer
-  syncs the dags folder to every component, and plugins to the web server only) and `plugins/` (the plugin modules
-  and the package again, for the web server's Backfills page).
+  does not sync plugins to the scheduler or triggerer), `plugins/` (the plugin modules and the package again, for
+  the web server's Backfills page) and `requirements.txt` (for the environment's PyPI packages: the package's
+  requirements but Airflow itself).
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -53,7 +58,20 @@ def copy_plugin_modules(into: Path) -> None:
         shutil.copy2(ROOT / "plugins" / name, into / name)
 
 
-def build_mwaa(out: Path) -> Path:
+def requirements() -> list[str]:
+    """The package's requirements (pyproject.toml), with its lineage extra, as a requirements file's lines; not
+    Airflow itself, which the platform provides (Composer refuses it as a PyPI package)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = [*project["dependencies"], *project["optional-dependencies"]["openlineage"]]
+    return [line for line in lines if not line.startswith("apache-airflow>")]
+
+
+def constraints_url(airflow: str, python: str) -> str:
+    """Airflow's constraints file for a release and Python version, as MWAA's documentation gives it."""
+    return f"https://raw.githubusercontent.com/apache/airflow/constraints-{airflow}/constraints-{python}.txt"
+
+
+def build_mwaa(out: Path, airflow: str = "3.2.1", python: str = "3.11") -> Path:
     """dist/mwaa: plugins.zip (modules at the zip's root, as MWAA unpacks it into its plugins folder) and dags/."""
     staging = out / "plugins"
     copy_package(staging)
@@ -65,6 +83,8 @@ def build_mwaa(out: Path) -> Path:
                 zf.write(path, path.relative_to(staging).as_posix())
     shutil.rmtree(staging)
     copy_dags(out / "dags")
+    lines = [f'--constraint "{constraints_url(airflow, python)}"', *requirements()]
+    (out / "requirements.txt").write_text("\n".join(lines) + "\n")
     return archive
 
 
@@ -77,15 +97,21 @@ def build_composer(out: Path) -> None:
     (dags / ".airflowignore").write_text("bq_backfill/\n")
     copy_plugin_modules(out / "plugins")
     copy_package(out / "plugins")
+    (out / "requirements.txt").write_text("\n".join(requirements()) + "\n")
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mwaa-airflow", default="3.2.1", help="the MWAA environment's Airflow version")
+    parser.add_argument("--mwaa-python", default="3.11", help="its Python version (major.minor)")
+    args = parser.parse_args()
     out = ROOT / "dist"
     shutil.rmtree(out, ignore_errors=True)
     wheel = build_wheel(out)
-    archive = build_mwaa(out / "mwaa")
+    archive = build_mwaa(out / "mwaa", args.mwaa_airflow, args.mwaa_python)
     build_composer(out / "composer")
-    for path in (wheel, archive, out / "mwaa" / "dags", out / "composer" / "dags", out / "composer" / "plugins"):
+    for path in (wheel, archive, out / "mwaa" / "dags", out / "mwaa" / "requirements.txt", out / "composer" / "dags",
+                 out / "composer" / "plugins", out / "composer" / "requirements.txt"):  # fmt: skip
         print(path.relative_to(ROOT))
     return 0
 

@@ -49,6 +49,7 @@ print("PLUGINS", json.dumps(sorted(p["name"] for p in get_plugin_info() if p["na
 paths = [getattr(route, "path", "") for route in app.routes]
 print("MOUNTS", json.dumps(sorted(path for path in paths if path.startswith("/backfills"))))
 print("NAV", json.dumps([v["name"] for p in get_plugin_info() for v in p.get("external_views", [])]))
+print("PRELOADED", json.dumps("bq_backfill.tasks.chunk" in sys.modules))
 bag = DagBag(dag_folder=sys.argv[1])
 print("ERRORS", json.dumps(bag.import_errors))
 print("STATE", sorted(bag.dag_ids))
@@ -173,9 +174,12 @@ def test_composers_dags_folder_runs_without_any_plugin(tmp_path, source, pg, air
 @pytest.mark.parametrize("page", ["on", "off"])
 def test_the_page_is_served_when_the_plugin_is_on_and_simply_absent_when_it_is_off(tmp_path, page):
     """`[bigquery_backfill] backfills_page = False` (or no plugin loaded, as on Composer's scheduler): the api-server
-    mounts nothing under /backfills and the navigation has no entry, and both DAGs still parse."""
+    mounts nothing under /backfills and the navigation has no entry, and both DAGs still parse. The task preload
+    imports nothing into the environment's processes unless `preload_task_modules` is set."""
     dist.build_composer(tmp_path / "composer")
     env = {"AIRFLOW__BIGQUERY_BACKFILL__BACKFILLS_PAGE": str(page == "on")}
+    if page == "on":
+        env["AIRFLOW__BIGQUERY_BACKFILL__PRELOAD_TASK_MODULES"] = "True"
 
     printed = _run(tmp_path / "composer" / "dags", tmp_path / "composer" / "plugins", [], script=API_SERVER,
                    env_extra=env)  # fmt: skip
@@ -187,3 +191,26 @@ def test_the_page_is_served_when_the_plugin_is_on_and_simply_absent_when_it_is_o
         assert json.loads(printed["MOUNTS"]) == ["/backfills"] and "Backfills" in json.loads(printed["NAV"])
     else:
         assert json.loads(printed["MOUNTS"]) == [] and "Backfills" not in json.loads(printed["NAV"])
+    assert json.loads(printed["PRELOADED"]) is (page == "on")
+
+
+@pytest.mark.parametrize("stack", [".venv", ".venv-oldest"])
+def test_the_platforms_requirements_files_are_met_by_both_tested_stacks(tmp_path, stack):
+    """What README tells Composer and MWAA users to install asks for nothing the tested stacks (the oldest is
+    Airflow 3.2.1 under its own constraints, as on MWAA's 3.2.1 image) do not already have."""
+    python = ROOT / stack / "bin" / "python"
+    assert python.exists(), f"{stack} is missing: make install"
+    dist.build_mwaa(tmp_path / "mwaa")
+    dist.build_composer(tmp_path / "composer")
+    mwaa = (tmp_path / "mwaa" / "requirements.txt").read_text().splitlines()
+    assert mwaa[0] == f'--constraint "{dist.constraints_url("3.2.1", "3.11")}"'
+    assert mwaa[1:] == (tmp_path / "composer" / "requirements.txt").read_text().splitlines()
+    assert not any(line.startswith("apache-airflow>") for line in mwaa)  # the platform's own
+    (tmp_path / "packages.txt").write_text("\n".join(mwaa[1:]) + "\n")  # the constraints file is not reachable here
+    out = subprocess.run(
+        [str(python), "-m", "pip", "install", "--dry-run", "--no-index", "-r", str(tmp_path / "packages.txt")],
+        capture_output=True, text=True, env={**os.environ, "PIP_CONSTRAINT": "", "PIP_FIND_LINKS": ""},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Would install" not in out.stdout, out.stdout
+    assert out.stdout.count("Requirement already satisfied: ") >= len(mwaa) - 1

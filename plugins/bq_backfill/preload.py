@@ -5,8 +5,9 @@ The scheduler loads plugins before its LocalExecutor forks its worker processes,
 from one of those: it then starts with these modules already imported instead of importing them itself, which costs
 a task about 0.6 s on a quiet 2-core machine and up to 1.7 s on a busy one, four times per run (cleanup, plan, the
 chunks, finalize). Like any plugin, the code is read when the process starts: restart the scheduler and workers
-after changing it (docs/deploy.md "Settings for a deployment"). Off with
-`[bigquery_backfill] preload_task_modules = False`.
+after changing it (docs/deploy.md "Settings for a deployment"). It imports these libraries into every Airflow process
+of the environment (the scheduler, the api-server, other DAGs' workers), so it is off unless the deployment sets
+`[bigquery_backfill] preload_task_modules = True` (docker-compose.yaml does).
 
 Registered by the installed package's `airflow.plugins` entry point, or found by Airflow in a deployed plugins
 folder (plugins/task_preload_plugin.py imports it from here).
@@ -43,7 +44,7 @@ def preload() -> None:
     log.debug("bigquery_backfill: task modules preloaded in %.2f s", time.monotonic() - started)
 
 
-if conf.getboolean("bigquery_backfill", "preload_task_modules", fallback=True):
+if conf.getboolean("bigquery_backfill", "preload_task_modules", fallback=False):
     preload()
 
 
