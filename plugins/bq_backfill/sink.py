@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
-from bq_backfill import range_proofs, target_rows
+from bq_backfill import pg_text, range_proofs, target_rows
 from bq_backfill.errors import PermanentChunkError
 from bq_backfill.models import Model
 from bq_backfill.validate import Rejected
@@ -164,7 +164,25 @@ def _same_rows(model: Model, rows: pa.Table, existing: pa.Table) -> bool:
 
 def _same_columns(a: pa.Table, b: pa.Table) -> bool:
     # column by column: types and values, not the schemas' nullability flags (BigQuery's REQUIRED, CSV's none)
-    return all(a[c].equals(b[c]) for c in a.column_names)
+    return all(_same_values(a[c], b[c]) for c in a.column_names)
+
+
+def _same_values(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
+    """Equal values, NaN equal to NaN as Postgres has it (Arrow's equals has NaN unequal to itself)."""
+    if a.equals(b):
+        return True
+    if pa.types.is_floating(a.type) and a.type == b.type:
+        a, b = a.combine_chunks(), b.combine_chunks()
+        nan_a, nan_b = pc.fill_null(pc.is_nan(a), False), pc.fill_null(pc.is_nan(b), False)
+        return nan_a.equals(nan_b) and pc.if_else(nan_a, 0.0, a).equals(pc.if_else(nan_b, 0.0, b))
+    if pa.types.is_list(a.type) and pa.types.is_floating(a.type.value_type) and a.type == b.type:
+        a, b = a.combine_chunks(), b.combine_chunks()
+        return (
+            a.is_null().equals(b.is_null())
+            and pc.fill_null(pc.list_value_length(a), 0).equals(pc.fill_null(pc.list_value_length(b), 0))
+            and _same_values(pa.chunked_array([pc.list_flatten(a)]), pa.chunked_array([pc.list_flatten(b)]))
+        )
+    return False
 
 
 def _copy_into_empty_range(conn: psycopg.Connection, model: Model, rows: pa.Table) -> int | None:
@@ -329,11 +347,12 @@ def copy_arrow(conn: psycopg.Connection, table: sql.Identifier, rows: pa.Table) 
 
 
 def _csv_ready(rows: pa.Table) -> pa.Table:
-    """Timestamps with a time zone as UTC text with an explicit offset: Arrow's CSV writer formats them ~40x slower
-    than this cast, and the offset makes Postgres read them the same whatever the session's TimeZone."""
+    """Columns Arrow's CSV writer cannot render as Postgres reads them, as text (pg_text): bytes, lists, and
+    timestamps with a time zone (as UTC with an explicit offset, so Postgres reads them the same whatever the
+    session's TimeZone; Arrow's own CSV formatting of them is also ~40x slower)."""
     for i, field in enumerate(rows.schema):
-        if pa.types.is_timestamp(field.type) and field.type.tz is not None:
-            naive_utc = pc.cast(rows.column(i), pa.timestamp(field.type.unit))
-            text = pc.binary_join_element_wise(pc.cast(naive_utc, pa.string()), "+00", "")
-            rows = rows.set_column(i, field.name, text)
+        if pg_text.needs_text(field.type):
+            rows = rows.set_column(i, field.name, pg_text.to_copy_text(rows.column(i)))
+        elif pa.types.is_timestamp(field.type) and field.type.tz is not None:
+            rows = rows.set_column(i, field.name, pg_text.scalar_text(rows.column(i).combine_chunks()))
     return rows

@@ -39,6 +39,7 @@ from google.cloud import bigquery
 from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
 from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
 
+from bq_backfill import type_map
 from bq_backfill.models import Model
 from bq_backfill.settings import UUID_PATTERN
 from bq_backfill.sink import OFFSET_COLUMN
@@ -132,6 +133,10 @@ class SourceNotTableError(ValueError):
     """The source is a view or another kind of table that time travel (FOR SYSTEM_TIME AS OF) cannot read."""
 
 
+class SourceTypeError(TypeError):
+    """A source column's BigQuery type does not land in the model's Postgres type (type_map)."""
+
+
 # Reasons of a 403 that mean "later", not "never": retried by the client with backoff (bounded), then by Airflow.
 RETRIED_REASONS = frozenset({"rateLimitExceeded", "quotaExceeded", "backendError", "internalError", "badGateway"})
 
@@ -223,6 +228,23 @@ class BigQuerySource:
         missing = sorted(set(model.column_names) - {f.name for f in table.schema})
         if missing:
             raise LookupError(f"BigQuery source table {source} lacks columns {missing} of model {model.model_type!r}")
+        fields = {f.name: f for f in table.schema}
+        refused = [
+            why
+            for column in model.columns
+            if (why := type_map.mismatch(column.name, self.column_type(fields[column.name]), column.pg_type))
+        ]
+        if refused:
+            raise SourceTypeError(
+                f"BigQuery source table {source} and model {model.model_type!r}: "
+                + "; ".join(refused)
+                + ". Change the model's (and the target table's) column type, or the source's"
+            )
+
+    @staticmethod
+    def column_type(field: bigquery.SchemaField) -> str:
+        """A source column's type in standard SQL names, ARRAY<...> for a REPEATED one."""
+        return type_map.bigquery_type(field.field_type, field.mode)
 
     def locate(self, source: TableRef, scratch_dataset: str, *, create: bool = True) -> str:
         """Finds the source dataset's location and makes sure the scratch dataset is there too (created there if

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from psycopg import sql
 
+from bq_backfill import pg_text
 from bq_backfill.models import Model
 
 
@@ -133,8 +134,11 @@ def in_range(model: Model, keys: KeyRange) -> tuple[sql.Composable, list]:
 
 
 def _utc(conn: psycopg.Connection) -> None:
-    # timestamps come out as UTC with an explicit offset, whatever the server's default TimeZone
-    conn.execute("SELECT set_config('TimeZone', 'UTC', true)")
+    # timestamps come out as UTC with an explicit offset, dates as ISO and bytea as hex, whatever the server's defaults
+    conn.execute(
+        "SELECT set_config('TimeZone', 'UTC', true), set_config('DateStyle', 'ISO, YMD', true), "
+        "set_config('bytea_output', 'hex', true)"
+    )
 
 
 def _parse_csv(
@@ -142,17 +146,26 @@ def _parse_csv(
 ) -> pa.Table | None:
     if not data:
         return schema.empty_table().select(columns)
+    as_text = [c for c in columns if pg_text.needs_text(schema.field(c).type)]  # parsed by pg_text, after the CSV
     try:
-        return pa_csv.read_csv(
+        table = pa_csv.read_csv(
             pa.BufferReader(pa.py_buffer(data)),
             read_options=pa_csv.ReadOptions(column_names=columns),
             parse_options=parse,
             convert_options=pa_csv.ConvertOptions(
-                column_types={c: schema.field(c).type for c in columns},
+                column_types={c: pa.string() if c in as_text else schema.field(c).type for c in columns},
                 null_values=[""],  # an unquoted empty field; a quoted one ("") is the empty string
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=False,
+                true_values=["t"],  # how Postgres writes a boolean
+                false_values=["f"],
             ),
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
+    for c in as_text:
+        parsed = pg_text.from_copy_text(table.column(c), schema.field(c).type)
+        if parsed is None:
+            return None
+        table = table.set_column(table.schema.get_field_index(c), c, parsed)
+    return table

@@ -57,8 +57,13 @@ def split_invalid(model: Model, rows: pa.Table, offset_column: str, numeric_roun
                     rounded_rows = changed if rounded_rows is None else pc.or_(rounded_rows, changed)
                 else:
                     problems.append((changed, f"{column.name} has more than {scale} decimal places"))
-        elif column.pg_type == "text" and (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        elif _is_text(values.type):
             problems.append((pc.match_substring(values, "\x00"), f"{column.name} contains a NUL character"))
+        elif pa.types.is_list(values.type) and _is_text(values.type.value_type):
+            nul = pc.fill_null(pc.match_substring(values.combine_chunks().values, "\x00"), False)
+            parents = pc.list_parent_indices(values.combine_chunks())
+            hit = pc.is_in(pa.array(range(len(values)), pa.int64()), value_set=pc.filter(parents, nul).cast(pa.int64()))
+            problems.append((hit, f"{column.name} has an element with a NUL character"))
     bad = None
     for mask, _ in problems:
         mask = pc.fill_null(mask, False)
@@ -82,6 +87,10 @@ def split_invalid(model: Model, rows: pa.Table, offset_column: str, numeric_roun
     )
 
 
+def _is_text(data_type: pa.DataType) -> bool:
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
 def _count(mask: pa.ChunkedArray | pa.Array | None) -> int:
     return 0 if mask is None else int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
 
@@ -91,6 +100,14 @@ def _out_of_range(values: pa.ChunkedArray, precision: int, scale: int) -> pa.Chu
     Postgres rounds half away from zero before checking, so 99.995 does not fit numeric(4,2)."""
     if pa.types.is_integer(values.type):
         values = pc.cast(values, pa.decimal128(38, 0))
+    source_digits, digits = values.type.precision - values.type.scale, precision - scale  # before the point
+    if source_digits < digits or (source_digits == digits and values.type.scale <= scale):
+        # every value of the source type fits (NUMERIC's decimal(38,9) into numeric(38,9)): nothing to refuse
+        return pa.chunked_array([pa.array([False] * len(values), pa.bool_())])
+    if source_digits == digits:  # rounding can carry into one more digit than the source type holds
+        values = pc.cast(values, pa.decimal256(min(76, values.type.precision + 1), values.type.scale))
     rounded = pc.round(values, ndigits=scale, round_mode="half_towards_infinity")
     limit = pa.scalar(Decimal(10) ** (precision - scale), rounded.type)  # same type: no precision widening
-    return pc.greater_equal(pc.abs(rounded), limit)
+    # a value whose rounding overflows the source type comes back as garbage: it is over the limit unrounded too
+    too_big = pc.greater_equal(pc.abs(values), limit)
+    return pc.or_(too_big, pc.greater_equal(pc.abs(rounded), limit))

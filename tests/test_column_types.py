@@ -1,0 +1,253 @@
+"""BigQuery's column types land value for value (type_map.SUPPORTED, README "Column types"), with their edge values,
+on every write path: COPY into an empty range, `proven`, `unchanged` (proofs gone), the upsert (one value changed),
+and a re-run with nothing changed rewrites no row. A pair outside the table is refused before anything is billed.
+
+The source is the emulator, loaded from Parquet; the rows are compared as Postgres gives them back through psycopg
+(bytes, lists, Decimals, NaN), not through the package's own read-back.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from google.cloud import bigquery
+from helpers import chunks, jobs
+
+from bq_backfill import models
+from devtools.seed import PROJECT, SEED_TENANT
+
+# NUMERIC's extreme; negated with copy_negate (a plain minus rounds it to 28 digits)
+BIG = Decimal("99999999999999999999999999999.999999999")
+COLUMNS = (
+    # name, BigQuery type, mode, Arrow type of the Parquet load, Postgres type
+    ("tenant_id", "STRING", "NULLABLE", pa.string(), "uuid"),
+    ("k", "INT64", "NULLABLE", pa.int64(), "bigint"),
+    ("raw", "BYTES", "NULLABLE", pa.binary(), "bytea"),
+    ("amount", "NUMERIC", "NULLABLE", pa.decimal128(38, 9), "numeric(38,9)"),
+    ("tags", "STRING", "REPEATED", pa.list_(pa.string()), "text[]"),
+    ("counts", "INT64", "REPEATED", pa.list_(pa.int64()), "bigint[]"),
+    ("ratios", "FLOAT64", "REPEATED", pa.list_(pa.float64()), "double precision[]"),
+    ("days", "DATE", "REPEATED", pa.list_(pa.date32()), "date[]"),
+    ("ratio", "FLOAT64", "NULLABLE", pa.float64(), "double precision"),
+    ("flag", "BOOL", "NULLABLE", pa.bool_(), "boolean"),
+    ("day", "DATE", "NULLABLE", pa.date32(), "date"),
+    ("at", "TIMESTAMP", "NULLABLE", pa.timestamp("us", "UTC"), "timestamptz"),
+    ("local_at", "DATETIME", "NULLABLE", pa.timestamp("us"), "timestamp"),
+    ("clock", "TIME", "NULLABLE", pa.time64("us"), "time"),
+)
+EDGES = [
+    {"raw": b"\x00\xff\xfe\x80", "amount": BIG, "tags": ['a"b', "c,d", "{e}", "back\\slash", "", None, "NULL", " sp "],
+     "counts": [-(2**63), 2**63 - 1, None], "ratios": [math.nan, math.inf, -math.inf, -0.0, 5e-324],
+     "days": [date(1, 1, 1), date(9999, 12, 31), None], "ratio": math.nan, "flag": True, "day": date(1969, 12, 31),
+     "at": datetime(1900, 1, 1, 0, 0, 0, 1, tzinfo=UTC), "local_at": datetime(2200, 2, 28, 23, 59, 59, 999999),
+     "clock": time(23, 59, 59, 999999)},
+    {"raw": b"", "amount": BIG.copy_negate(), "tags": [], "counts": [], "ratios": [], "days": [], "ratio": -math.inf,
+     "flag": False, "day": date(2100, 3, 1), "at": datetime(2262, 4, 11, 23, 47, 16, 854775, tzinfo=UTC),
+     "local_at": datetime(1, 1, 1), "clock": time(0, 0)},
+    {"raw": None, "amount": Decimal("0.000000001"), "tags": None, "counts": None, "ratios": None, "days": None,
+     "ratio": -0.0, "flag": None, "day": None, "at": None, "local_at": None, "clock": None},
+    {"raw": "ünïcode €".encode(), "amount": Decimal("-0.000000001"), "tags": ["ünïcode €", "tab\there", "new\nline"],
+     "counts": [0], "ratios": [1.5], "days": [date(2024, 2, 29)], "ratio": 1e308, "flag": True,
+     "day": date(2024, 2, 29), "at": datetime(2024, 2, 29, 12, 0, tzinfo=UTC), "local_at": datetime(2024, 2, 29),
+     "clock": time(12, 30, 0, 1)},
+]  # fmt: skip
+
+
+def _rows(n: int = 60) -> list[dict]:
+    """Each edge row, then ordinary ones, keyed 0..n-1."""
+    out = []
+    for k in range(n):
+        row = dict(EDGES[k]) if k < len(EDGES) else {**EDGES[3], "amount": Decimal(k), "counts": [k, k * k]}
+        out.append({"tenant_id": SEED_TENANT, "k": k, **row})
+    return out
+
+
+@pytest.fixture
+def typed_model():
+    model = models.register(
+        models.Model(
+            model_type="types_test",
+            source_table="analytics.typed",
+            target_table="typed",
+            columns=tuple(models.Column(name, pg) for name, _, _, _, pg in COLUMNS),
+            conflict_key=("tenant_id", "k"),
+            order_key=("k",),
+        )
+    )
+    yield model
+    del models.MODELS["types_test"]
+
+
+def _load(bq, rows: list[dict]) -> None:
+    table = f"{PROJECT}.analytics.typed"
+    bq.delete_table(table, not_found_ok=True)
+    bq.create_table(bigquery.Table(table, schema=[bigquery.SchemaField(n, t, mode=m) for n, t, m, _, _ in COLUMNS]))
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([(n, a) for n, _, _, a, _ in COLUMNS])), buf)
+    buf.seek(0)
+    bq.load_table_from_file(buf, table, job_config=bigquery.LoadJobConfig(source_format="PARQUET")).result()
+
+
+def _target(pg) -> list[tuple]:
+    names = ", ".join(n for n, *_ in COLUMNS[1:])
+    return pg.execute(f"SELECT {names} FROM typed ORDER BY k").fetchall()  # noqa: S608
+
+
+def _comparable(value):
+    """NaN equal to NaN, -0.0 apart from 0.0, bytes as bytes (psycopg gives memoryview-free bytes)."""
+    if isinstance(value, float):
+        return ("nan",) if math.isnan(value) else (value, math.copysign(1, value))
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _expected(rows: list[dict]) -> list[tuple]:
+    return [tuple(_comparable(r[n]) for n, *_ in COLUMNS[1:]) for r in rows]
+
+
+def _landed(pg) -> list[tuple]:
+    return [tuple(_comparable(v) for v in row) for row in _target(pg)]
+
+
+def _versions(pg) -> list[str]:
+    return [r[0] for r in pg.execute("SELECT xmin::text FROM typed ORDER BY k").fetchall()]
+
+
+def _paths(pg) -> set[str]:
+    [job] = [j for j in jobs(pg, model_type="types_test") if j["status"] == "completed"][-1:]
+    return {path for c in chunks(pg, job["id"]) for path in (c["write_path"] or "").split("+")}
+
+
+def _run(dag, **conf):
+    dr = dag.test(run_conf={"tenant_id": SEED_TENANT, "model_type": "types_test", "chunk_size": 100, **conf})
+    assert dr.state == "success"
+
+
+@pytest.fixture
+def typed_target(pg, typed_model):
+    ddl = ", ".join(f"{n} {pg_type}" for n, *_, pg_type in COLUMNS)
+    pg.execute(f"CREATE TABLE typed ({ddl}, UNIQUE (tenant_id, k))")
+    pg.execute("ALTER TABLE typed ALTER tenant_id SET NOT NULL, ALTER k SET NOT NULL")
+    return typed_model
+
+
+def test_every_supported_type_lands_value_for_value_on_every_path(pg, bq, typed_target, backfill_dag):
+    rows = _rows()
+    _load(bq, rows)
+
+    _run(backfill_dag)  # cold: COPY into the empty range
+    assert _landed(pg) == _expected(rows)
+    assert "copy" in _paths(pg)
+    versions = _versions(pg)
+
+    _run(backfill_dag)  # nothing changed: the proofs hold
+    assert _versions(pg) == versions and _landed(pg) == _expected(rows)
+    assert _paths(pg) == {"proven"}
+
+    pg.execute("DELETE FROM backfill_range_proofs")
+    _run(backfill_dag)  # nothing changed, no proof: compared value for value with what the target holds
+    assert _versions(pg) == versions and _landed(pg) == _expected(rows)
+    assert _paths(pg) == {"unchanged"}
+
+    rows[0] = {**rows[0], "tags": [*rows[0]["tags"], "new"], "raw": b"\x01"}  # one value changed
+    rows[1] = {**rows[1], "ratios": [-0.0]}
+    _load(bq, rows)
+    _run(backfill_dag)
+    assert _landed(pg) == _expected(rows)
+    after = _versions(pg)
+    assert [i for i, (a, b) in enumerate(zip(versions, after, strict=True)) if a != b] == [0, 1]  # only those
+    assert "upsert" in _paths(pg)
+
+
+def test_a_type_pair_outside_the_table_is_refused_before_anything_is_billed(pg, bq, typed_model, backfill_dag, caplog):
+    ddl = ", ".join(f"{n} {'text' if n == 'raw' else pg_type}" for n, *_, pg_type in COLUMNS)
+    pg.execute(f"CREATE TABLE typed ({ddl}, UNIQUE (tenant_id, k))")
+    models.MODELS["types_test"] = models.Model(
+        model_type="types_test",
+        source_table="analytics.typed",
+        target_table="typed",
+        columns=tuple(models.Column(n, "text" if n == "raw" else pg_type) for n, *_, pg_type in COLUMNS),
+        conflict_key=("tenant_id", "k"),
+        order_key=("k",),
+    )
+    _load(bq, _rows(5))
+
+    dr = backfill_dag.test(run_conf={"tenant_id": SEED_TENANT, "model_type": "types_test"})
+
+    assert dr.state == "failed"
+    assert jobs(pg, model_type="types_test") == []  # refused by cleanup's first check, before it claims a job
+    assert "column 'raw': BigQuery BYTES does not land in Postgres text; it lands in bytea" in caplog.text
+    assert pg.execute("SELECT count(*) FROM typed").fetchone()[0] == 0
+    assert [t.table_id for t in bq.list_tables("analytics")] == ["typed"]  # no snapshot was made
+
+
+def test_numbers_too_big_for_their_column_and_nul_in_array_elements_are_rejected_not_landed():
+    """A rounding that overflows the source's decimal(38,9) gives garbage in Arrow: such a value must still be found
+    out of range (not land as 0); an element Postgres text cannot hold rejects its row, naming the column."""
+    from bq_backfill.validate import split_invalid
+
+    model = models.Model(
+        model_type="checks_test",
+        source_table="analytics.t",
+        target_table="t",
+        columns=tuple(
+            models.Column(n, t)
+            for n, t in (("tenant_id", "uuid"), ("k", "bigint"), ("amount", "numeric(18,4)"), ("tags", "text[]"))
+        ),
+        conflict_key=("tenant_id", "k"),
+        order_key=("k",),
+    )
+    amounts = [BIG, Decimal("99999999999999.99995"), Decimal("99999999999999.99994"), Decimal("1.5"), None, None]
+    tags = [[], None, ["a"], [None, "b"], ["ok", "n\x00ul"], None]
+    rows = pa.table({
+        "tenant_id": [SEED_TENANT] * 6, "k": list(range(6)),
+        "amount": pa.array(amounts, pa.decimal128(38, 9)), "tags": pa.array(tags, pa.list_(pa.string())),
+        "_row_offset": list(range(6)),
+    })  # fmt: skip
+    for rounding in ("reject", "round"):
+        checked = split_invalid(model, rows, "_row_offset", rounding)
+
+        assert checked.rejected.offsets == [0, 1, 4] if rounding == "round" else [0, 1, 2, 4]
+        assert all(r.startswith("amount out of range for numeric(18,4)") for r in checked.rejected.reasons[:2])
+        assert "tags has an element with a NUL character" in checked.rejected.reasons[-1]
+        assert checked.good["k"].to_pylist() == ([2, 3, 5] if rounding == "round" else [3, 5])
+
+
+def test_bignumeric_lands_and_reads_back_at_the_arrow_level(pg):
+    """BIGNUMERIC as the Storage Read API sends it (decimal256(76, 38)), which the emulator cannot create: COPY into
+    `numeric`, then read back as the unchanged path reads it, equal value for value."""
+    from psycopg import sql
+
+    from bq_backfill import sink, target_rows
+
+    model = models.Model(
+        model_type="bignumeric_test",
+        source_table="analytics.b",
+        target_table="bignum",
+        columns=(models.Column("tenant_id", "uuid"), models.Column("k", "bigint"), models.Column("v", "numeric"),
+                 models.Column("vs", "numeric[]")),
+        conflict_key=("tenant_id", "k"),
+        order_key=("k",),
+    )  # fmt: skip
+    pg.execute("CREATE TABLE bignum (tenant_id uuid, k bigint, v numeric, vs numeric[], UNIQUE (tenant_id, k))")
+    big = Decimal("5" * 38 + "." + "7" * 38)
+    values = [big, big.copy_negate(), Decimal("1E-38"), Decimal(0), None]
+    decimal = pa.decimal256(76, 38)
+    rows = pa.table({
+        "tenant_id": [SEED_TENANT] * 5, "k": list(range(5)), "v": pa.array(values, decimal),
+        "vs": pa.array([values[:2], [], None, [None, values[2]], [values[3]]], pa.list_(decimal)),
+    })  # fmt: skip
+
+    assert sink.copy_arrow(pg, sql.Identifier("bignum"), rows) == 5
+    assert pg.execute("SELECT v FROM bignum ORDER BY k").fetchall() == [(v,) for v in values]
+    keys = target_rows.key_range(model, rows)
+    with pg.transaction():  # the read-back's settings are the transaction's
+        back = target_rows.rows_in_range(pg, model, SEED_TENANT, keys, ["k", "v", "vs"], rows.schema)
+    assert back is not None and all(back[c].equals(rows[c]) for c in ("k", "v", "vs"))
