@@ -9,6 +9,7 @@ The source is the emulator, loaded from Parquet; the rows are compared as Postgr
 from __future__ import annotations
 
 import io
+import json
 import math
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
@@ -40,7 +41,25 @@ COLUMNS = (
     ("at", "TIMESTAMP", "NULLABLE", pa.timestamp("us", "UTC"), "timestamptz"),
     ("local_at", "DATETIME", "NULLABLE", pa.timestamp("us"), "timestamp"),
     ("clock", "TIME", "NULLABLE", pa.time64("us"), "time"),
+    ("doc", "JSON", "NULLABLE", pa.string(), "jsonb"),
+    ("blobs", "BYTES", "REPEATED", pa.list_(pa.binary()), "bytea[]"),
+    ("flags", "BOOL", "REPEATED", pa.list_(pa.bool_()), "boolean[]"),
+    ("amounts", "NUMERIC", "REPEATED", pa.list_(pa.decimal128(38, 9)), "numeric(38,9)[]"),
+    ("stamps", "TIMESTAMP", "REPEATED", pa.list_(pa.timestamp("us", "UTC")), "timestamptz[]"),
+    ("locals", "DATETIME", "REPEATED", pa.list_(pa.timestamp("us")), "timestamp[]"),
+    ("clocks", "TIME", "REPEATED", pa.list_(pa.time64("us")), "time[]"),
 )
+TZ_MAX = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+ARRAYS = [
+    {"doc": '{"b": [1, 2.5, null, {"c": "x\\"y"}], "a": "ü"}', "blobs": [b"\x00\xff", b"", None, b'"{,}\\'],
+     "flags": [True, False, None], "amounts": [BIG, BIG.copy_negate(), None, Decimal("0.000000001")],
+     "stamps": [datetime(1, 1, 1, tzinfo=UTC), TZ_MAX, None], "locals": [datetime(1969, 12, 31, 23, 59, 59, 999999)],
+     "clocks": [time(0, 0), time(23, 59, 59, 999999), None]},
+    {"doc": "null", "blobs": [], "flags": [], "amounts": [], "stamps": [], "locals": [], "clocks": []},
+    {"doc": None, "blobs": None, "flags": None, "amounts": None, "stamps": None, "locals": None, "clocks": None},
+    {"doc": '""', "blobs": [b"a"], "flags": [None], "amounts": [Decimal(1)], "stamps": [None],
+     "locals": [datetime(2200, 1, 1)], "clocks": [time(12, 0, 0, 1)]},
+]  # fmt: skip
 EDGES = [
     {"raw": b"\x00\xff\xfe\x80", "amount": BIG, "tags": ['a"b', "c,d", "{e}", "back\\slash", "", None, "NULL", " sp "],
      "counts": [-(2**63), 2**63 - 1, None], "ratios": [math.nan, math.inf, -math.inf, -0.0, 5e-324],
@@ -63,7 +82,10 @@ def _rows(n: int = 60) -> list[dict]:
     """Each edge row, then ordinary ones, keyed 0..n-1."""
     out = []
     for k in range(n):
-        row = dict(EDGES[k]) if k < len(EDGES) else {**EDGES[3], "amount": Decimal(k), "counts": [k, k * k]}
+        i = min(k, len(EDGES) - 1)
+        row = {**EDGES[i], **ARRAYS[i]}
+        if k >= len(EDGES):
+            row |= {"amount": Decimal(k), "counts": [k, k * k], "doc": f'{{"k": {k}}}'}
         out.append({"tenant_id": SEED_TENANT, "k": k, **row})
     return out
 
@@ -95,7 +117,9 @@ def _load(bq, rows: list[dict]) -> None:
 
 
 def _target(pg) -> list[tuple]:
-    names = ", ".join(n for n, *_ in COLUMNS[1:])
+    # jsonb as a one-element array, so that JSON null and SQL NULL stay apart through psycopg
+    doc = "CASE WHEN doc IS NOT NULL THEN jsonb_build_array(doc) END AS doc"
+    names = ", ".join(doc if n == "doc" else n for n, *_ in COLUMNS[1:])
     return pg.execute(f"SELECT {names} FROM typed ORDER BY k").fetchall()  # noqa: S608
 
 
@@ -109,7 +133,12 @@ def _comparable(value):
 
 
 def _expected(rows: list[dict]) -> list[tuple]:
-    return [tuple(_comparable(r[n]) for n, *_ in COLUMNS[1:]) for r in rows]
+    def value(row: dict, name: str):
+        if name == "doc":
+            return None if row[name] is None else [json.loads(row[name])]
+        return _comparable(row[name])
+
+    return [tuple(value(r, n) for n, *_ in COLUMNS[1:]) for r in rows]
 
 
 def _landed(pg) -> list[tuple]:
@@ -158,12 +187,20 @@ def test_every_supported_type_lands_value_for_value_on_every_path(pg, bq, typed_
 
     rows[0] = {**rows[0], "tags": [*rows[0]["tags"], "new"], "raw": b"\x01"}  # one value changed
     rows[1] = {**rows[1], "ratios": [-0.0]}
+    rows[3] = {**rows[3], "doc": '"changed"'}
+    rows[4] = {**rows[4], "doc": '{ "k" :  4.0 }'}  # the same jsonb value as {"k": 4}, as Postgres compares them
     _load(bq, rows)
     _run(backfill_dag)
     assert _landed(pg) == _expected(rows)
     after = _versions(pg)
-    assert [i for i, (a, b) in enumerate(zip(versions, after, strict=True)) if a != b] == [0, 1]  # only those
+    assert [i for i, (a, b) in enumerate(zip(versions, after, strict=True)) if a != b] == [0, 1, 3]  # only those
     assert "upsert" in _paths(pg)
+
+    rows[5] = {**rows[5], "doc": '{"k": 5, "more": [true]}'}  # only a JSON value, in a slice otherwise unchanged
+    _load(bq, rows)
+    _run(backfill_dag)
+    assert _landed(pg) == _expected(rows)
+    assert [i for i, (a, b) in enumerate(zip(after, _versions(pg), strict=True)) if a != b] == [5]
 
 
 def test_a_type_pair_outside_the_table_is_refused_before_anything_is_billed(pg, bq, typed_model, backfill_dag, caplog):

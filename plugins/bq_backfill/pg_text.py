@@ -15,6 +15,9 @@ round-trips exactly when the same value in a column of its own does.
 from __future__ import annotations
 
 import io
+import json
+from decimal import Decimal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -150,3 +153,28 @@ def _parse_elements(flat: list[str | None], element_type: pa.DataType) -> pa.Arr
         ),
     )
     return table.column("v").combine_chunks()
+
+
+def same_json(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
+    """Whether two columns of JSON text hold equal jsonb values as Postgres compares them: objects whatever their
+    key order (the last of a duplicated key), numbers by value (1.0 equals 1), each kind apart (1 is not true)."""
+    if a.equals(b):
+        return True
+    try:
+        return [_jsonb(v) for v in a.to_pylist()] == [_jsonb(v) for v in b.to_pylist()]
+    except ValueError:  # not JSON: let the upsert (and Postgres) decide
+        return False
+
+
+def _jsonb(text: str | None) -> Any:
+    return None if text is None else _tagged(json.loads(text, parse_float=Decimal, parse_int=Decimal))
+
+
+def _tagged(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ("object", {k: _tagged(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return ("array", [_tagged(v) for v in value])
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    return ("number" if isinstance(value, Decimal) else "string", value)

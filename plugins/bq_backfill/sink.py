@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
-from bq_backfill import pg_text, range_proofs, target_rows
+from bq_backfill import pg_text, range_proofs, target_rows, type_map
 from bq_backfill.errors import PermanentChunkError
 from bq_backfill.models import Model
 from bq_backfill.validate import Rejected
@@ -154,17 +154,19 @@ def _same_rows(model: Model, rows: pa.Table, existing: pa.Table) -> bool:
     if rows.num_rows != existing.num_rows:
         return False
     incoming = rows.select(existing.column_names)
-    if _same_columns(incoming, existing):  # the usual case: both in key order already, no sort needed
+    jsonb = {c.name for c in model.columns if type_map.postgres_base(c.pg_type) == "jsonb"}
+    if _same_columns(incoming, existing, jsonb):  # the usual case: both in key order already, no sort needed
         return True
     # Another order (a key column in a collation that does not sort as bytes do, or a source whose order key does
     # not start with the conflict key): compare sorted.
     order = [(c, "ascending") for c in model.conflict_key[1:]]
-    return _same_columns(incoming.sort_by(order), existing.sort_by(order))
+    return _same_columns(incoming.sort_by(order), existing.sort_by(order), jsonb)
 
 
-def _same_columns(a: pa.Table, b: pa.Table) -> bool:
-    # column by column: types and values, not the schemas' nullability flags (BigQuery's REQUIRED, CSV's none)
-    return all(_same_values(a[c], b[c]) for c in a.column_names)
+def _same_columns(a: pa.Table, b: pa.Table, jsonb: set[str]) -> bool:
+    # column by column: types and values, not the schemas' nullability flags (BigQuery's REQUIRED, CSV's none);
+    # jsonb as Postgres compares it (its text is normalised: key order, spacing, number spelling)
+    return all(pg_text.same_json(a[c], b[c]) if c in jsonb else _same_values(a[c], b[c]) for c in a.column_names)
 
 
 def _same_values(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
@@ -299,7 +301,7 @@ def missing_keys(conn: psycopg.Connection, model: Model, tenant_id: str, job_id:
     bounds = target_rows.key_range(model, keys)
     existing = target_rows.keys_in_range(conn, model, tenant_id, bounds, keys.schema)
     if existing is not None:
-        if _same_columns(keys.select(key_cols), existing):  # the range holds exactly these keys, in this order
+        if _same_columns(keys.select(key_cols), existing, set()):  # the range holds exactly these keys, in this order
             return 0
         keys = keys.join(existing, keys=key_cols, join_type="left anti")
         if keys.num_rows == 0:
