@@ -288,3 +288,43 @@ def test_bignumeric_lands_and_reads_back_at_the_arrow_level(pg):
     with pg.transaction():  # the read-back's settings are the transaction's
         back = target_rows.rows_in_range(pg, model, SEED_TENANT, keys, ["k", "v", "vs"], rows.schema)
     assert back is not None and all(back[c].equals(rows[c]) for c in ("k", "v", "vs"))
+
+
+def _model_of(columns) -> models.Model:
+    return models.Model(
+        model_type="types_test",
+        source_table="analytics.typed",
+        target_table="typed",
+        columns=tuple(models.Column(name, pg) for name, _, _, _, pg in columns),
+        conflict_key=("tenant_id", "k"),
+        order_key=("k",),
+    )
+
+
+def test_a_column_added_in_bigquery_is_ignored_and_reported(pg, bq, typed_target, backfill_dag, caplog):
+    models.MODELS["types_test"] = _model_of([c for c in COLUMNS if c[0] not in ("clocks", "doc")])
+    pg.execute("ALTER TABLE typed DROP COLUMN clocks, DROP COLUMN doc")
+    _load(bq, _rows(5))
+
+    _run(backfill_dag)
+
+    ignored = pg.execute("SELECT ignored_source_columns FROM bigquery_backfill_jobs WHERE model_type = 'types_test'")
+    assert ignored.fetchone()[0] == ["clocks", "doc"]
+    assert "has columns model types_test does not read: clocks, doc. They are ignored" in caplog.text
+    assert pg.execute("SELECT count(*) FROM typed").fetchone()[0] == 5
+
+
+def test_a_column_the_model_needs_gone_from_bigquery_refuses_the_run_before_anything_is_written(
+    pg, bq, typed_target, backfill_dag, caplog
+):
+    _load(bq, _rows(5))
+    table = bq.get_table(f"{PROJECT}.analytics.typed")
+    kept = [f for f in table.schema if f.name != "clocks"]
+    bq.delete_table(table)
+    bq.create_table(bigquery.Table(f"{PROJECT}.analytics.typed", schema=kept))  # the column dropped in BigQuery
+
+    dr = backfill_dag.test(run_conf={"tenant_id": SEED_TENANT, "model_type": "types_test"})
+
+    assert dr.state == "failed"
+    assert "lacks columns ['clocks'] of model 'types_test': nothing was written" in caplog.text
+    assert jobs(pg, model_type="types_test") == [] and pg.execute("SELECT count(*) FROM typed").fetchone()[0] == 0

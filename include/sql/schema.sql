@@ -48,7 +48,9 @@ ALTER TABLE bigquery_backfill_jobs
     ADD COLUMN IF NOT EXISTS missing_from_source bigint,
     ADD COLUMN IF NOT EXISTS deleted_records   bigint NOT NULL DEFAULT 0,
     -- BigQuery's dry-run estimate of the bytes the snapshot query processes (what on-demand pricing bills)
-    ADD COLUMN IF NOT EXISTS estimated_bytes   bigint;
+    ADD COLUMN IF NOT EXISTS estimated_bytes   bigint,
+    -- source columns no model column reads (a column added in BigQuery): the run ignores them and says so
+    ADD COLUMN IF NOT EXISTS ignored_source_columns text[];
 -- A job belongs to exactly one dag run: re-running the run's tasks reuses it.
 CREATE UNIQUE INDEX IF NOT EXISTS bigquery_backfill_jobs_dag_run
     ON bigquery_backfill_jobs (dag_id, dag_run_id);

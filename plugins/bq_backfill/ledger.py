@@ -200,6 +200,11 @@ def claim_job(conn: psycopg.Connection, run: RunKey, tenant_id: str, model_type:
     return _job(row), bool(row["created"])
 
 
+def record_ignored_columns(conn: psycopg.Connection, job: Job, columns: list[str]) -> None:
+    """Notes on the job the source columns that no model column reads (empty: none)."""
+    conn.execute(sql_text("record_ignored_columns.sql"), {"job_id": job.id, "columns": columns})
+
+
 def record_plan(
     conn: psycopg.Connection,
     job: Job,

@@ -212,8 +212,9 @@ class BigQuerySource:
     def table(self, name: str) -> TableRef:
         return TableRef.parse(name, self.project)
 
-    def check_source(self, model: Model, source: TableRef) -> None:
-        """Fails early, naming the table, if the source is missing or lacks a column of the model."""
+    def check_source(self, model: Model, source: TableRef) -> list[str]:
+        """Fails early, naming the table, if the source is missing, lacks a column of the model or holds one in a type
+        that does not land in the model's (type_map); returns the source's other columns, which the run ignores."""
         try:
             with needs(f"read the metadata of {source}", f"bigquery.tables.get on {source}"):
                 table = self.client.get_table(str(source), retry=FAST_RETRY, timeout=CALL_TIMEOUT)
@@ -227,7 +228,10 @@ class BigQuerySource:
             )
         missing = sorted(set(model.column_names) - {f.name for f in table.schema})
         if missing:
-            raise LookupError(f"BigQuery source table {source} lacks columns {missing} of model {model.model_type!r}")
+            raise LookupError(
+                f"BigQuery source table {source} lacks columns {missing} of model {model.model_type!r}: nothing was "
+                "written. Restore them in the source, or take them out of the model (README: Schema drift)"
+            )
         fields = {f.name: f for f in table.schema}
         refused = [
             why
@@ -240,6 +244,7 @@ class BigQuerySource:
                 + "; ".join(refused)
                 + ". Change the model's (and the target table's) column type, or the source's"
             )
+        return sorted(set(fields) - set(model.column_names))
 
     @staticmethod
     def column_type(field: bigquery.SchemaField) -> str:

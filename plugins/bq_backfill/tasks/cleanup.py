@@ -32,7 +32,7 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
     bq = bigquery(s.gcp_conn_id)
     source = source_table(s, bq)
     try:
-        bq.check_source(s.model, source)
+        ignored = bq.check_source(s.model, source)
     except Exception as exc:  # retried only if its cause is transient
         raise SourceReadError(f"BigQuery connection {s.gcp_conn_id!r}: {exc}") from exc
     with postgres(s.postgres_conn_id) as conn:
@@ -57,6 +57,13 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
             s.model.target_table,
         )
         log.info("job %s %s for dag run %s", job.id, "created" if created else "taken back", run.run_id)
+        ledger.record_ignored_columns(conn, job, ignored)
+        if ignored:
+            log.warning(
+                "source %s has columns model %s does not read: %s. They are ignored (bigquery_backfill_jobs."
+                "ignored_source_columns); to land them, add them to the model and the target table",
+                source, s.model_type, ", ".join(ignored),
+            )  # fmt: skip
         if not ledger.active_job_index_exists(conn):
             log.warning(
                 "the one-active-job index over every writer (bigquery_backfill_jobs_one_active) is not in place: "
