@@ -87,10 +87,15 @@ def test_a_run_reads_the_source_once_and_each_chunk_with_one_read_session_of_its
     sent = p.rest.jobs()
     # every query job carries the cap, as maximumBytesBilled (an int64 sent as a string)
     assert {j["configuration"]["query"].get("maximumBytesBilled") for j in sent} == {str(10**12)}
-    # only the snapshot query reads the source: once estimated (a dry run, free), once run
+    # the source is read by the snapshot query, once estimated (a dry run, free) and once run, and before that by
+    # a count of the tenant's rows (billed on the tenant column alone), which decides whether the plan can run
     on_source = [j for j in sent if SOURCE_SQL in _query(j)]
-    assert [bool(j["configuration"].get("dryRun")) for j in on_source] == [True, False]
-    ctas = _query(on_source[1])
+    assert [bool(j["configuration"].get("dryRun")) for j in on_source] == [True, False, False]
+    assert _query(on_source[1]).startswith("SELECT COUNT(*) AS n FROM")
+    assert "FOR SYSTEM_TIME AS OF" in _query(on_source[1]) and "WHERE `tenant_id` IN UNNEST(@tenant_ids)" in _query(
+        on_source[1]
+    )
+    ctas = _query(on_source[2])
     assert ctas.startswith("CREATE OR REPLACE TABLE")
     # one partition per chunk: offsets 0..N-1 bucketed by chunk_size, within BigQuery's 4,000 partitions per job
     assert "PARTITION BY RANGE_BUCKET(`_row_offset`, GENERATE_ARRAY(0, 4000000, 1000))" in ctas
@@ -130,6 +135,22 @@ def test_a_snapshot_over_the_bytes_cap_is_refused_before_anything_is_billed(pg, 
     assert [j["configuration"].get("dryRun") for j in on_source] == [True]
     assert scratch_tables(bq) == []
     assert p.sessions() == []
+
+
+def test_a_plan_too_long_to_map_is_refused_before_the_snapshot_query_is_billed(
+    pg, bq, backfill_dag, proxies, monkeypatch, caplog
+):
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "4")
+    create_source(bq, inventory_rows(SEED_TENANT, 1_001))
+    p = proxies()
+
+    dr = backfill_dag.test(run_conf=conf(gcp_conn_id="recorded_gcp", chunk_size=250))
+
+    assert dr.state == "failed"
+    assert "make 5 chunks, over [core] max_map_length (4): trigger again with chunk_size >= 251" in caplog.text
+    billed = [_query(j) for j in p.rest.jobs() if SOURCE_SQL in _query(j) and not j["configuration"].get("dryRun")]
+    assert len(billed) == 1 and billed[0].startswith("SELECT COUNT(*) AS n FROM")  # the count, no snapshot query
+    assert scratch_tables(bq) == [] and p.sessions() == []
 
 
 def test_a_dry_run_reports_the_estimate_and_runs_no_billed_query(pg, bq, backfill_dag, proxies, caplog):

@@ -230,11 +230,21 @@ def test_a_chunk_killed_mid_upsert_leaves_nothing_half_written_and_clearing_fini
         page.wait_for_selector(f"tr[data-job='{job['id']}'] .status.completed")
         row = page.locator(f"tr[data-job='{job['id']}']")
         assert "3,000 / 3,000" in row.inner_text() and "6 / 6" in row.inner_text()
-        assert row.locator("a").get_attribute("href") == f"/dags/{DAG}/runs/{quote(run_id, safe='')}"
+        grid = f"dags/{DAG}/runs/{quote(run_id, safe='')}"
+        link = row.locator("a")
+        assert link.evaluate("a => a.href") == f"{stack.base}/{grid}"
+        # relative, so it also works under a base-URL prefix ([api] base_url = http://host/airflow)
+        prefixed = link.evaluate("a => new URL(a.getAttribute('href'), location.origin + '/airflow/backfills/').href")
+        assert prefixed == f"{stack.base}/airflow/{grid}"
         page.screenshot(path=str(shots / "backfills-completed.png"), full_page=True)
 
 
 def test_the_backfills_page_is_only_served_to_logged_in_users(pg, stack):
+    for path in ("/backfills/openapi.json", "/backfills/docs", "/backfills/redoc"):  # FastAPI's own, unauthenticated
+        for headers in ({}, {"Authorization": f"Bearer {stack.token}"}):
+            served = httpx.get(f"{stack.base}{path}", headers=headers, timeout=10)
+            assert served.status_code in (401, 403, 404), (path, served.status_code)
+            assert "openapi" not in served.text.lower()
     for path in ("/backfills/", "/backfills/api/jobs"):
         for cookies in ({}, {"_token": "not-a-token"}):  # anonymous, and a forged session
             refused = httpx.get(f"{stack.base}{path}", cookies=cookies, timeout=10)

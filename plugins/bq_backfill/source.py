@@ -344,6 +344,17 @@ class BigQuerySource:
             f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
         )
 
+    def count_tenant_rows(self, model: Model, source: TableRef, tenant_id: str, as_of: datetime) -> int:
+        """The tenant's rows in the source as of `as_of`, the snapshot's row count to be: billed on the tenant column
+        alone, so a plan that cannot run is refused before the snapshot query bills every column."""
+        query = (
+            f"SELECT COUNT(*) AS n FROM {source.sql} "  # noqa: S608 (identifiers validated, the tenant bound)
+            f"FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
+            f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
+        )
+        step = (f"count the tenant's rows in {source}", f"bigquery.jobs.create, bigquery.tables.getData on {source}")
+        return int(next(iter(self._run(query, tenant_param(tenant_id), step, page_size=1)))[0])
+
     def estimate_snapshot_bytes(self, model: Model, source: TableRef, tenant_id: str) -> int:
         """BigQuery's dry-run figure for the bytes the snapshot query reads from the source: what on-demand pricing
         bills (at least 10 MB per table). Asked for the query's read alone (the same columns of the same table, the

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -124,6 +125,11 @@ def _take_snapshot(
             estimate = estimating.result()
             log.info("%s", _bytes_line(estimate, s.maximum_bytes_billed))
             _check_bytes(estimate, s.maximum_bytes_billed, source)
+        # The plan's size decides whether it can run at all: known from a count billed on the tenant column alone,
+        # before the snapshot query bills every column.
+        expected = bq.count_tenant_rows(s.model, source, s.tenant_id, as_of)
+        _check_source_rows(expected, s, source, as_of)
+        _check_chunk_count(expected, s.chunk_size, max_map_length)
         started = time.monotonic()
         # Replaces a table of that name left by an earlier attempt: its as-of time was never recorded, so unused.
         total = bq.new_snapshot(s.model, source, s.tenant_id, snapshot, as_of, s.chunk_size)
@@ -143,13 +149,11 @@ def _take_snapshot(
         time.monotonic() - started,
     )
     try:
-        if total == 0 and not s.allow_empty_source:
-            raise EmptySourceError(
-                f"{source} holds no row of tenant {s.tenant_id} as of {as_of:%Y-%m-%d %H:%M:%S%z} "
-                f"(tenant_id matched as {s.tenant_id!r} or {s.tenant_id.upper()!r}): check tenant_id and "
-                "source_table; to complete a run with no rows on purpose, trigger with allow_empty_source=true"
+        if total != expected:
+            raise RuntimeError(
+                f"snapshot {snapshot} holds {total} rows, but {source} held {expected} rows of tenant {s.tenant_id} "
+                f"as of {as_of:%Y-%m-%d %H:%M:%S%z}: BigQuery's time travel gave two answers; trigger again"
             )
-        _check_chunk_count(total, s.chunk_size, max_map_length)
         with postgres(s.postgres_conn_id) as conn:
             return ledger.record_plan(
                 conn,
@@ -165,6 +169,15 @@ def _take_snapshot(
     except BaseException:
         bq.drop_snapshot(snapshot)  # no job refers to it: nothing else would ever drop it
         raise
+
+
+def _check_source_rows(total: int, s: Settings, source: TableRef, as_of: datetime) -> None:
+    if total == 0 and not s.allow_empty_source:
+        raise EmptySourceError(
+            f"{source} holds no row of tenant {s.tenant_id} as of {as_of:%Y-%m-%d %H:%M:%S%z} "
+            f"(tenant_id matched as {s.tenant_id!r} or {s.tenant_id.upper()!r}): check tenant_id and "
+            "source_table; to complete a run with no rows on purpose, trigger with allow_empty_source=true"
+        )
 
 
 def _check_chunk_count(total: int, chunk_size: int, max_map_length: int) -> None:

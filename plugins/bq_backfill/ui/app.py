@@ -51,7 +51,10 @@ def deployment_problems() -> list[str]:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="Backfills", dependencies=[Depends(authorized)], docs_url=None, redoc_url=None)
+    # No route without authorization: FastAPI's schema and docs routes skip app-level dependencies, so none are served.
+    app = FastAPI(
+        title="Backfills", dependencies=[Depends(authorized)], docs_url=None, redoc_url=None, openapi_url=None
+    )
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
