@@ -176,3 +176,37 @@ def test_the_pooler_errors_are_transient(pooler, pooled_db):
         for holder in holders:
             holder.close()
         admin.close()
+
+
+def test_a_server_connection_cut_under_any_statement_is_transient(pooler, pooled_db):
+    """Cut behind PgBouncer, a session's last statement can fail as a driver InternalError ("received 2 results from
+    command 'SAVEPOINT'") or a protocol violation, not only as a lost connection: every such failure of a
+    connection of the package's is one to retry, since the session, not the statement, is what went."""
+    from collections import Counter
+
+    seen: Counter = Counter()
+    for round_ in range(60):
+
+        def cut(delay: float = 0.002 + (round_ % 10) * 0.001) -> None:
+            time.sleep(delay)
+            with psycopg.connect(pooler["direct"], autocommit=True) as watch:
+                watch.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                )
+
+        cutter = threading.Thread(target=cut)
+        try:
+            with postgres(POOLED) as conn:
+                cutter.start()
+                for _ in range(5_000):
+                    with conn.transaction():  # a savepoint, as each slice's COPY into an empty range takes
+                        conn.execute("SELECT 1")
+            seen["finished"] += 1
+        except Exception as exc:
+            assert is_transient(exc), f"{type(exc).__name__} (from {type(exc.__cause__).__name__}): {exc}"
+            seen[type(exc.__cause__ or exc).__name__] += 1
+        finally:
+            if cutter.is_alive() or cutter.ident:
+                cutter.join()
+    assert sum(n for kind, n in seen.items() if kind != "finished") >= 30, seen

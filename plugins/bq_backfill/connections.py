@@ -94,6 +94,12 @@ def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
                 [v for item in settings.items() for v in item],
             )
             yield conn
+    except psycopg.DatabaseError as exc:
+        if conn.broken and not isinstance(exc, psycopg.OperationalError):
+            # the session ended under the statement (a server or pooler connection cut): whatever the driver made of
+            # the last messages, the transaction is gone, and a retry can succeed
+            raise psycopg.OperationalError(f"the Postgres connection {conn_id!r} was lost: {exc}") from exc
+        raise
     finally:
         conn.close()
 
