@@ -172,6 +172,16 @@ def _chunk_index(context) -> int:
             minimum=0,
             description="With delete_missing: refuse (delete nothing) if more rows than this would go.",
         ),
+        "max_snapshot_age_hours": Param(
+            24,
+            type="integer",
+            minimum=1,
+            maximum=168,
+            description=(
+                "Clearing (resuming) a run whose snapshot is older than this many hours is refused: its data would "
+                "overwrite what changed since. Trigger a new run instead. At most 168 (BigQuery's time travel)."
+            ),
+        ),
         "maximum_bytes_billed": Param(
             default_bytes_cap(),
             type=["null", "integer"],

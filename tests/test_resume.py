@@ -114,3 +114,28 @@ def test_clearing_a_finished_run_changes_nothing(pg, bq, backfill_dag):
     assert again["id"] == job["id"] and again["status"] == "completed" and again["processed_records"] == 700
     assert {c["chunk_index"]: c["completed_at"] for c in chunks(pg, job["id"])} == before  # nothing re-read
     assert table_state(pg, "inventory_movements") == rows_before  # nothing deleted or rewritten
+
+
+def test_resuming_a_run_whose_snapshot_is_older_than_the_limit_is_refused_and_a_new_run_is_not(pg, bq, backfill_dag):
+    """A run cleared a day and a half after its plan would write its day-old data over what changed since: refused
+    by the chunk (clearing it) and by cleanup (clearing the whole run), naming the age; a new run completes."""
+    source, dr = _failed_run(pg, bq, backfill_dag)
+    assert len(jobs(pg)) == 1
+    cure_poison(pg)
+    pg.execute("UPDATE bigquery_backfill_jobs SET snapshot_at = snapshot_at - interval '36 hours'")
+    rows_before = target_rows(pg, SEED_TENANT)
+
+    clear_with_downstream(backfill_dag, dr.run_id, [("load_chunk", 3)])
+    dr = drive(backfill_dag, dr.run_id)
+
+    assert dr.state == "failed"
+    [job_after] = jobs(pg)
+    assert "36.0 hours ago, over max_snapshot_age_hours=24" in job_after["error_message"]
+    assert "Trigger a new run" in job_after["error_message"]
+    assert target_rows(pg, SEED_TENANT) == rows_before  # nothing written
+    clear_with_downstream(backfill_dag, dr.run_id, ["cleanup_stale_jobs"], only_failed=False)
+    assert drive(backfill_dag, dr.run_id).state == "failed"
+    assert "over max_snapshot_age_hours=24" in jobs(pg)[0]["error_message"]
+
+    assert backfill_dag.test(run_conf=conf(chunk_size=300)).state == "success"
+    assert target_rows(pg, SEED_TENANT) == as_tuples(source)

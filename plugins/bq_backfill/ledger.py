@@ -256,6 +256,26 @@ def refuse_if_superseded(conn: psycopg.Connection, job: Job, tenant_id: str, mod
         )
 
 
+class SnapshotTooOldError(RuntimeError):
+    """The job's snapshot is older than the run's max_snapshot_age_hours: resuming it would write old data."""
+
+
+def refuse_if_too_old(conn: psycopg.Connection, job: Job, max_age_hours: int) -> None:
+    """Fails if the job's snapshot is older than `max_age_hours` by the database's clock: resuming it would write
+    its rows over everything written to the target since, and delete_missing would delete by it."""
+    if job.snapshot_at is None:
+        return  # not planned yet: its snapshot will be taken now
+    row = conn.execute("SELECT extract(epoch FROM now() - %s)::float8 / 3600", [job.snapshot_at]).fetchone()
+    age = float(row[0]) if row else 0.0
+    if age > max_age_hours:
+        raise SnapshotTooOldError(
+            f"job {job.id} reads a snapshot taken {job.snapshot_at:%Y-%m-%d %H:%M:%S%z}, {age:.1f} hours ago, over "
+            f"max_snapshot_age_hours={max_age_hours}: resuming it would write data that old over what changed "
+            "since, so it writes nothing. Trigger a new run (it takes a new snapshot; rows already right are left "
+            "as they are)"
+        )
+
+
 def find_run_job(conn: psycopg.Connection, run: RunKey) -> Job | None:
     row = _one(conn, "find_run_job.sql", run.params())
     return _job(row) if row else None

@@ -117,6 +117,7 @@ class Settings:
     delete_missing: bool = False
     max_deleted_rows: int = 0
     maximum_bytes_billed: int | None = None  # None: no cap
+    max_snapshot_age_hours: int = 24
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -135,6 +136,7 @@ class Settings:
             delete_missing=bool(params.get("delete_missing", False)),
             max_deleted_rows=int(params.get("max_deleted_rows", 0)),
             maximum_bytes_billed=_optional_int(params.get("maximum_bytes_billed")),
+            max_snapshot_age_hours=int(params.get("max_snapshot_age_hours", 24)),
         )
         # Again here, not only in the Params: a run created under an older configuration must not outlive it.
         for param in ALLOWLISTS:

@@ -84,6 +84,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 return {"read": 0, "skipped": 1}
             job = ledger.find_job_by_id(conn, job_id)
             ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)  # older data never over newer
+            ledger.refuse_if_too_old(conn, job, s.max_snapshot_age_hours)
             triggers = target_checks.write_guards(conn, model, ledger.LEDGER_TABLES)
             if triggers:
                 log.info(

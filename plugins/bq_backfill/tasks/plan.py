@@ -75,6 +75,7 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
                 "run; trigger a new run (or clear this run from cleanup_stale_jobs)"
             )
         ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)  # also when plan alone is cleared
+        ledger.refuse_if_too_old(conn, job, s.max_snapshot_age_hours)
     if job.snapshot_table is None:
         job = _take_snapshot(s, run, bq, source, job, max_map_length)
     else:  # a retried or cleared plan keeps the first plan's snapshot, chunking and offsets
