@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+# A snapshot row's position in its tenant's order key: numbered by BigQuery, carried by every slice into Postgres.
+OFFSET_COLUMN = "_row_offset"
 
 
 @dataclass(frozen=True)

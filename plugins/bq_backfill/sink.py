@@ -22,10 +22,9 @@ from psycopg.types.json import Jsonb
 
 from bq_backfill import pg_text, range_proofs, target_rows, type_map
 from bq_backfill.errors import PermanentChunkError
-from bq_backfill.models import Model
+from bq_backfill.models import OFFSET_COLUMN, Model
 from bq_backfill.validate import Rejected
 
-OFFSET_COLUMN = "_row_offset"
 STAGE = sql.Identifier("backfill_stage")
 COPY_SLICE_ROWS = 4_096  # rows of CSV rendered at a time (about 0.5 MB)
 

@@ -40,9 +40,8 @@ from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
 from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
 
 from bq_backfill import type_map
-from bq_backfill.models import Model
+from bq_backfill.models import OFFSET_COLUMN, Model
 from bq_backfill.settings import UUID_PATTERN
-from bq_backfill.sink import OFFSET_COLUMN
 
 log = logging.getLogger(__name__)
 
