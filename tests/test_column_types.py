@@ -90,18 +90,20 @@ def _rows(n: int = 60) -> list[dict]:
     return out
 
 
+def _model_of(columns) -> models.Model:
+    return models.Model(
+        model_type="types_test",
+        source_table="analytics.typed",
+        target_table="typed",
+        columns=tuple(models.Column(name, pg) for name, _, _, _, pg in columns),
+        conflict_key=("tenant_id", "k"),
+        order_key=("k",),
+    )
+
+
 @pytest.fixture
 def typed_model():
-    model = models.register(
-        models.Model(
-            model_type="types_test",
-            source_table="analytics.typed",
-            target_table="typed",
-            columns=tuple(models.Column(name, pg) for name, _, _, _, pg in COLUMNS),
-            conflict_key=("tenant_id", "k"),
-            order_key=("k",),
-        )
-    )
+    model = models.register(_model_of(COLUMNS))
     yield model
     del models.MODELS["types_test"]
 
@@ -167,7 +169,8 @@ def typed_target(pg, typed_model):
     return typed_model
 
 
-def test_every_supported_type_lands_value_for_value_on_every_path(pg, bq, typed_target, backfill_dag):
+def test_every_supported_type_lands_value_for_value_on_every_path(pg, bq, typed_target, backfill_dag, monkeypatch):
+    monkeypatch.setenv("BACKFILL_SLICE_ROWS", "7")  # slices cut at offsets inside the read's record batches
     rows = _rows()
     _load(bq, rows)
 
@@ -206,14 +209,7 @@ def test_every_supported_type_lands_value_for_value_on_every_path(pg, bq, typed_
 def test_a_type_pair_outside_the_table_is_refused_before_anything_is_billed(pg, bq, typed_model, backfill_dag, caplog):
     ddl = ", ".join(f"{n} {'text' if n == 'raw' else pg_type}" for n, *_, pg_type in COLUMNS)
     pg.execute(f"CREATE TABLE typed ({ddl}, UNIQUE (tenant_id, k))")
-    models.MODELS["types_test"] = models.Model(
-        model_type="types_test",
-        source_table="analytics.typed",
-        target_table="typed",
-        columns=tuple(models.Column(n, "text" if n == "raw" else pg_type) for n, *_, pg_type in COLUMNS),
-        conflict_key=("tenant_id", "k"),
-        order_key=("k",),
-    )
+    models.MODELS["types_test"] = _model_of([(n, t, m, a, "text" if n == "raw" else pg) for n, t, m, a, pg in COLUMNS])
     _load(bq, _rows(5))
 
     dr = backfill_dag.test(run_conf={"tenant_id": SEED_TENANT, "model_type": "types_test"})
@@ -255,6 +251,8 @@ def test_numbers_too_big_for_their_column_and_nul_in_array_elements_are_rejected
         assert all(r.startswith("amount out of range for numeric(18,4)") for r in checked.rejected.reasons[:2])
         assert "tags has an element with a NUL character" in checked.rejected.reasons[-1]
         assert checked.good["k"].to_pylist() == ([2, 3, 5] if rounding == "round" else [3, 5])
+    sliced = split_invalid(model, rows.slice(3, 3), "_row_offset")  # a slice of a larger read, as chunks cut them
+    assert sliced.rejected.offsets == [4] and sliced.good["k"].to_pylist() == [3, 5]
 
 
 def test_bignumeric_lands_and_reads_back_at_the_arrow_level(pg):
@@ -288,17 +286,6 @@ def test_bignumeric_lands_and_reads_back_at_the_arrow_level(pg):
     with pg.transaction():  # the read-back's settings are the transaction's
         back = target_rows.rows_in_range(pg, model, SEED_TENANT, keys, ["k", "v", "vs"], rows.schema)
     assert back is not None and all(back[c].equals(rows[c]) for c in ("k", "v", "vs"))
-
-
-def _model_of(columns) -> models.Model:
-    return models.Model(
-        model_type="types_test",
-        source_table="analytics.typed",
-        target_table="typed",
-        columns=tuple(models.Column(name, pg) for name, _, _, _, pg in columns),
-        conflict_key=("tenant_id", "k"),
-        order_key=("k",),
-    )
 
 
 def test_a_column_added_in_bigquery_is_ignored_and_reported(pg, bq, typed_target, backfill_dag, caplog):

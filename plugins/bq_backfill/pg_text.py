@@ -19,6 +19,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
@@ -38,7 +39,7 @@ def is_bytes(data_type: pa.DataType) -> bool:
     return pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type)
 
 
-def scalar_text(values: pa.Array) -> pa.Array:
+def scalar_text(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Values of a scalar column as the text COPY's CSV takes (NULL stays NULL)."""
     if is_bytes(values.type):
         return pa.array([None if v is None else "\\x" + v.hex() for v in values.to_pylist()], pa.string())
@@ -56,10 +57,13 @@ def to_copy_text(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def _array_literal(lists: pa.Array) -> pa.Array:
-    elements = scalar_text(lists.values)
+    # the elements of the non-NULL lists, with offsets of their own: right for a slice of a larger array too
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
+    elements = scalar_text(pc.list_flatten(lists))
     escaped = pc.replace_substring(pc.replace_substring(elements, "\\", "\\\\"), '"', '\\"')
     quoted = pc.fill_null(pc.binary_join_element_wise('"', escaped, '"', ""), "NULL")
-    rebuilt = pa.ListArray.from_arrays(lists.offsets, quoted, mask=lists.is_null())
+    rebuilt = pa.ListArray.from_arrays(offsets, quoted, mask=lists.is_null())
     return pc.binary_join_element_wise("{", pc.binary_join(rebuilt, ","), "}", "")
 
 

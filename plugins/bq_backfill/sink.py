@@ -355,5 +355,5 @@ def _csv_ready(rows: pa.Table) -> pa.Table:
         if pg_text.needs_text(field.type):
             rows = rows.set_column(i, field.name, pg_text.to_copy_text(rows.column(i)))
         elif pa.types.is_timestamp(field.type) and field.type.tz is not None:
-            rows = rows.set_column(i, field.name, pg_text.scalar_text(rows.column(i).combine_chunks()))
+            rows = rows.set_column(i, field.name, pg_text.scalar_text(rows.column(i)))
     return rows

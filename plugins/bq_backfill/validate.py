@@ -60,8 +60,9 @@ def split_invalid(model: Model, rows: pa.Table, offset_column: str, numeric_roun
         elif _is_text(values.type):
             problems.append((pc.match_substring(values, "\x00"), f"{column.name} contains a NUL character"))
         elif pa.types.is_list(values.type) and _is_text(values.type.value_type):
-            nul = pc.fill_null(pc.match_substring(values.combine_chunks().values, "\x00"), False)
-            parents = pc.list_parent_indices(values.combine_chunks())
+            lists = values.combine_chunks()
+            nul = pc.fill_null(pc.match_substring(pc.list_flatten(lists), "\x00"), False)
+            parents = pc.list_parent_indices(lists)
             hit = pc.is_in(pa.array(range(len(values)), pa.int64()), value_set=pc.filter(parents, nul).cast(pa.int64()))
             problems.append((hit, f"{column.name} has an element with a NUL character"))
     bad = None
