@@ -26,6 +26,7 @@ from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 from bq_backfill.lineage import FinalizeOperator
 from bq_backfill.models import MODELS
 from bq_backfill.settings import (
+    MAX_SNAPSHOT_AGE_HOURS,
     NUMERIC_ROUNDING,
     POOL,
     UUID_PATTERN,
@@ -173,7 +174,7 @@ def _chunk_index(context) -> int:
             description="With delete_missing: refuse (delete nothing) if more rows than this would go.",
         ),
         "max_snapshot_age_hours": Param(
-            24,
+            MAX_SNAPSHOT_AGE_HOURS,
             type="integer",
             minimum=1,
             maximum=168,

@@ -237,9 +237,17 @@ def record_plan(
     return _job(row)
 
 
-def refuse_if_superseded(conn: psycopg.Connection, job: Job, tenant_id: str, model_type: str) -> None:
-    """Fails if a later run of the tenant+model completed with a newer snapshot than this job's: writing this job's
-    rows now would put older data over newer."""
+def refuse_old_snapshot(
+    conn: psycopg.Connection, job: Job, tenant_id: str, model_type: str, max_age_hours: int
+) -> None:
+    """Fails if writing this job's snapshot now would put old data over newer: a later run of the tenant+model
+    completed with a newer snapshot (SupersededError), or the snapshot is older than `max_age_hours`
+    (SnapshotTooOldError). Every task checks it before it writes or deletes anything."""
+    _refuse_if_superseded(conn, job, tenant_id, model_type)
+    _refuse_if_too_old(conn, job, max_age_hours)
+
+
+def _refuse_if_superseded(conn: psycopg.Connection, job: Job, tenant_id: str, model_type: str) -> None:
     if job.snapshot_at is None:
         return  # not planned yet: its snapshot will be taken now, newer than any
     newer = _one(
@@ -260,9 +268,9 @@ class SnapshotTooOldError(RuntimeError):
     """The job's snapshot is older than the run's max_snapshot_age_hours: resuming it would write old data."""
 
 
-def refuse_if_too_old(conn: psycopg.Connection, job: Job, max_age_hours: int) -> None:
-    """Fails if the job's snapshot is older than `max_age_hours` by the database's clock: resuming it would write
-    its rows over everything written to the target since, and delete_missing would delete by it."""
+def _refuse_if_too_old(conn: psycopg.Connection, job: Job, max_age_hours: int) -> None:
+    # by the database's clock: resuming would write the snapshot's rows over everything written to the target since,
+    # and delete_missing would delete by it
     if job.snapshot_at is None:
         return  # not planned yet: its snapshot will be taken now
     row = conn.execute("SELECT extract(epoch FROM now() - %s)::float8 / 3600", [job.snapshot_at]).fetchone()

@@ -17,6 +17,8 @@ from bq_backfill.models import Model, get_model
 CONFIG_SECTION = "bigquery_backfill"
 # The Airflow pool bounding the chunks that write to Postgres at once; the deployment creates it (README "Deploy").
 POOL = "bigquery_backfill_postgres"
+# How old a run's snapshot may be when the run is resumed (the Param max_snapshot_age_hours, its default)
+MAX_SNAPSHOT_AGE_HOURS = 24
 # Param -> (configuration option, what is allowed when the option is not set)
 ALLOWLISTS = {
     "gcp_conn_id": ("allowed_gcp_conn_ids", "google_cloud_default"),
@@ -117,7 +119,7 @@ class Settings:
     delete_missing: bool = False
     max_deleted_rows: int = 0
     maximum_bytes_billed: int | None = None  # None: no cap
-    max_snapshot_age_hours: int = 24
+    max_snapshot_age_hours: int = MAX_SNAPSHOT_AGE_HOURS
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -136,7 +138,7 @@ class Settings:
             delete_missing=bool(params.get("delete_missing", False)),
             max_deleted_rows=int(params.get("max_deleted_rows", 0)),
             maximum_bytes_billed=_optional_int(params.get("maximum_bytes_billed")),
-            max_snapshot_age_hours=int(params.get("max_snapshot_age_hours", 24)),
+            max_snapshot_age_hours=int(params.get("max_snapshot_age_hours", MAX_SNAPSHOT_AGE_HOURS)),
         )
         # Again here, not only in the Params: a run created under an older configuration must not outlive it.
         for param in ALLOWLISTS:

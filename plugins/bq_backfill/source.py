@@ -352,7 +352,7 @@ class BigQuerySource:
             f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
         )
         step = (f"count the tenant's rows in {source}", f"bigquery.jobs.create, bigquery.tables.getData on {source}")
-        return int(next(iter(self._run(query, tenant_param(tenant_id), step, page_size=1)))[0])
+        return int(self._scalar(query, tenant_param(tenant_id), step))
 
     def estimate_snapshot_bytes(self, model: Model, source: TableRef, tenant_id: str) -> int:
         """BigQuery's dry-run figure for the bytes the snapshot query reads from the source: what on-demand pricing
@@ -477,9 +477,11 @@ class BigQuerySource:
         with needs(*(step or self._job_step())):
             return job.result(retry=FAST_RETRY, timeout=JOB_TIMEOUT_SECONDS + CALL_TIMEOUT, page_size=page_size)
 
-    def _scalar(self, query: str, config: bigquery.QueryJobConfig | None = None) -> Any:
+    def _scalar(
+        self, query: str, config: bigquery.QueryJobConfig | None = None, step: tuple[str, str] | None = None
+    ) -> Any:
         # a page size makes the call that waits for the job bring its one row too: one round trip less
-        return next(iter(self._run(query, config, page_size=1)))[0]
+        return next(iter(self._run(query, config, step, page_size=1)))[0]
 
 
 def tenant_param(tenant_id: str) -> bigquery.QueryJobConfig:

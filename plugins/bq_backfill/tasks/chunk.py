@@ -83,8 +83,8 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 log.info("%s already done: skipped, nothing written (the read started ahead is stopped)", label)
                 return {"read": 0, "skipped": 1}
             job = ledger.find_job_by_id(conn, job_id)
-            ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)  # older data never over newer
-            ledger.refuse_if_too_old(conn, job, s.max_snapshot_age_hours)
+            # older data never over newer
+            ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
             triggers = target_checks.write_guards(conn, model, ledger.LEDGER_TABLES)
             if triggers:
                 log.info(

@@ -41,8 +41,7 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
         ledger.lock_tenant_model(conn, s.tenant_id, s.model_type)
         deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type, run_active)
         job, created = ledger.claim_job(conn, run, s.tenant_id, s.model_type)
-        ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)
-        ledger.refuse_if_too_old(conn, job, s.max_snapshot_age_hours)
+        ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
         verb = "would delete" if s.dry_run else "deleted"
         log.info(
             "cleanup for tenant %s model %s: %s %d stale job rows (%d pending, %d running, %d failed) "

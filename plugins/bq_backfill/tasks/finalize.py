@@ -42,8 +42,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         if job is None:
             # fail, not skip: a skipped leaf would let Airflow call the run a success
             raise ReconciliationError(f"no job for dag run {run.run_id}: cleanup or plan failed before creating it")
-        ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)
-        ledger.refuse_if_too_old(conn, job, s.max_snapshot_age_hours)
+        ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
         totals = ledger.chunk_totals(conn, job.id)
         unfinished = ledger.unfinished_chunks(conn, job.id)
         key_proofs = ledger.chunk_key_proofs(conn, job.id)

@@ -74,8 +74,8 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
                 f"dag run {run.run_id} has no job: a later run's cleanup deleted it, or cleanup_stale_jobs did not "
                 "run; trigger a new run (or clear this run from cleanup_stale_jobs)"
             )
-        ledger.refuse_if_superseded(conn, job, s.tenant_id, s.model_type)  # also when plan alone is cleared
-        ledger.refuse_if_too_old(conn, job, s.max_snapshot_age_hours)
+        # also when plan alone is cleared
+        ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
     if job.snapshot_table is None:
         job = _take_snapshot(s, run, bq, source, job, max_map_length)
     else:  # a retried or cleared plan keeps the first plan's snapshot, chunking and offsets
