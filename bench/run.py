@@ -33,7 +33,16 @@ import psycopg  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.csv as pa_csv  # noqa: E402
 
-from devtools.seed import OTHER_TENANT, PROJECT, SEED_TENANT, append_source, bq_client, create_source, inventory_table  # noqa: E402
+from devtools.seed import (  # noqa: E402
+    OTHER_TENANT,
+    PROJECT,
+    SEED_TENANT,
+    append_source,
+    bq_client,
+    create_source,
+    inventory_schema,
+    inventory_table,
+)
 
 SOURCE_ROWS = 1_032_601
 OUT = ROOT / "bench" / "results"
@@ -49,7 +58,7 @@ def reset_target(dsn: str) -> None:
         conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         from bq_backfill.setup import setup_database
 
-        setup_database(conn, None, False)  # the deployment's setup step
+        setup_database(conn, None, False, inventory_schema)  # the deployment's setup step
 
 
 def ceiling(dsn: str, rows: pa.Table) -> float:
@@ -223,19 +232,25 @@ def latency_rounds(dag, dsn: str, rows: pa.Table, emu: dict, repeat: int) -> dic
 def chunk_rss(chunk_size: int) -> float:
     """Peak RSS (MB) of a process doing what one load_chunk task does, for one chunk of chunk_size rows,
     read from a snapshot of the whole tenant."""
-    from bq_backfill import ledger
-    from bq_backfill.models import get_model
+    from bq_backfill import ledger, target_checks
+    from bq_backfill.model_file import get_declaration
+    from bq_backfill.models import resolve
     from bq_backfill.source import BigQuerySource, TableRef
 
-    model = get_model("inventory")
+    declaration = get_declaration("inventory")
     src = BigQuerySource.from_connection("google_cloud_default")
+    source = src.table(declaration.source_table)
     snap = TableRef(src.project, "backfill_scratch", "bench_rss")
-    src.locate(src.table(model.source_table), snap.dataset)
-    as_of = src.now()
-    total = src.new_snapshot(model, src.table(model.source_table), SEED_TENANT, snap, as_of, chunk_size)
     reset_target(os.environ["BENCH_DSN"])
     with psycopg.connect(os.environ["BENCH_DSN"]) as conn:
+        target = target_checks.target_columns(conn, declaration.target_table)
+        model = resolve(declaration, target, src.source_schema(source)).model
+    src.locate(source, snap.dataset)
+    as_of = src.now()
+    total = src.new_snapshot(model, source, SEED_TENANT, snap, as_of, chunk_size)
+    with psycopg.connect(os.environ["BENCH_DSN"]) as conn:
         job, _ = ledger.claim_job(conn, ledger.RunKey("bench", f"rss-{chunk_size}"), SEED_TENANT, "inventory")
+        ledger.record_model(conn, job, model, [])
         target_snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
         job = ledger.record_plan(
             conn, job, total_records=total, chunk_size=chunk_size, source_table=model.source_table,
@@ -254,7 +269,8 @@ def chunk_rss(chunk_size: int) -> float:
     params = {"tenant_id": SEED_TENANT, "model_type": "inventory", "chunk_size": chunk_size, "dry_run": False,
               "max_rejected_rows": 0, "scratch_dataset": "backfill_scratch", "gcp_conn_id": "google_cloud_default",
               "postgres_conn_id": "postgres_default"}  # fmt: skip
-    chunk = {"job_id": job.id, "chunk_index": 1, "start": chunk_size, "end": 2 * chunk_size, "chunks": 1}
+    chunk = {"job_id": job.id, "chunk_index": 1, "start": chunk_size, "end": 2 * chunk_size, "chunks": 1,
+             "columns": model.as_record()}  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-c", code, str(ROOT), json.dumps(params), json.dumps(chunk)],
         capture_output=True, text=True, check=True,
@@ -397,9 +413,9 @@ def summary(results: dict) -> list[tuple[str, float, float, str]]:
 
 def cost_report(rows: pa.Table) -> tuple[dict, list[str]]:
     from bench.cost_model import report
-    from bq_backfill.models import get_model
+    from bq_backfill.model_file import get_declaration
 
-    return report(rows.slice(0, 200_000), list(get_model("inventory").conflict_key[1:]))
+    return report(rows.slice(0, 200_000), list(get_declaration("inventory").conflict_key[1:]))
 
 
 def latency_only(repeat: int) -> int:

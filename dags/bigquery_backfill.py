@@ -18,13 +18,14 @@ Trigger with conf, e.g. `{"tenant_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
 from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 from bq_backfill.lineage import FinalizeOperator
-from bq_backfill.models import MODELS
+from bq_backfill.model_file import declared_models
 from bq_backfill.settings import (
     MAX_SNAPSHOT_AGE_HOURS,
     NUMERIC_ROUNDING,
@@ -37,6 +38,12 @@ from bq_backfill.settings import (
 
 # finalize emits the target table's asset event through this alias: the table's URI depends on the run's connection
 TARGETS = AssetAlias("bigquery_backfill_targets")
+# The deployment's models file ([bigquery_backfill] models_file), read here from local disk: a declaration it refuses
+# is named in the trigger form, the parse log and the Backfills page; the others stay usable.
+MODELS = declared_models()
+for _name, _problem in MODELS.problems.items():
+    logging.getLogger(__name__).error("models file %s: %s", MODELS.path, _problem)
+_REFUSED = "".join(f" Refused by {MODELS.path}: {p}." for p in MODELS.problems.values())
 # No task waits forever: past this, Airflow stops it (a chunk is then retried like any transient failure).
 TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("BACKFILL_TASK_TIMEOUT_MINUTES", "60")))
 _TABLE = r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$"
@@ -139,7 +146,12 @@ def _chunk_index(context) -> int:
             description="Tenant whose rows are backfilled: its uuid, 36 characters, e.g. "
             "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee.",
         ),
-        "model_type": Param("inventory", type="string", enum=sorted(MODELS), description="What to backfill."),
+        "model_type": Param(
+            "inventory" if "inventory" in MODELS.models else next(iter(sorted(MODELS.models)), None),
+            type="string",
+            enum=sorted(MODELS.models),
+            description=f"What to backfill: a model of {MODELS.path}.{_REFUSED}",
+        ),
         "chunk_size": Param(
             500_000,
             type="integer",

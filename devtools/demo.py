@@ -25,6 +25,7 @@ from devtools.seed import (
     append_source,
     bq_client,
     create_source,
+    inventory_schema,
     inventory_table,
     legacy_jobs,
 )
@@ -55,11 +56,11 @@ def seed_bigquery(endpoint: str) -> None:
 
 def recreate_stuck_state(dsn: str) -> None:
     """What the old self-re-invoking loop left: 207 jobs (1 running, 206 pending) and 2% of the rows."""
-    from bq_backfill import ledger
+    from bq_backfill.setup import setup_database
 
     synced = inventory_table(SEED_TENANT, SYNCED_ROWS)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        ledger.apply_schema(conn)
+        setup_database(conn, None, False, inventory_schema)  # the deployment's setup step
         legacy_jobs(conn, SEED_TENANT, "inventory", running=1, pending=206)
         with conn.cursor().copy(
             "COPY inventory_movements (tenant_id, movement_date, branch_id, product_code, quantity, unit_cost, "

@@ -27,6 +27,17 @@ INVENTORY_SCHEMA = [
     bigquery.SchemaField("movement_type", "STRING"),
     bigquery.SchemaField("updated_at", "TIMESTAMP"),
 ]
+# the source's columns as BigQuerySource.source_schema gives them: what setup creates the inventory target from
+INVENTORY_TYPES = {f.name: f.field_type for f in INVENTORY_SCHEMA}
+
+
+def inventory_schema(model) -> dict[str, str]:
+    """setup_database's source_schemas for the inventory model, without asking BigQuery."""
+    if model.model_type != "inventory":
+        raise LookupError(f"no seeded source schema for model {model.model_type!r}")
+    return INVENTORY_TYPES
+
+
 ARROW_SCHEMA = pa.schema(
     [
         ("tenant_id", pa.string()),

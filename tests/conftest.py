@@ -21,7 +21,7 @@ for path in (ROOT, ROOT / "plugins", ROOT / "tests"):
     sys.path.insert(0, str(path))
 
 from devtools import services  # noqa: E402
-from devtools.seed import PROJECT  # noqa: E402
+from devtools.seed import PROJECT, inventory_schema  # noqa: E402
 
 os.environ.update(
     {
@@ -98,8 +98,11 @@ def pg(pg_bare):
     """The test database with the backfill's tables, as the setup step leaves them on a database that still holds
     legacy duplicates (schema.sql applied; the one-active-job index over every writer is not there yet)."""
     from bq_backfill import ledger
+    from bq_backfill.model_file import get_declaration
+    from bq_backfill.setup import check_model
 
     ledger.apply_schema(pg_bare)
+    check_model(pg_bare, get_declaration("inventory"), inventory_schema)  # creates the target as setup does
     return pg_bare
 
 
@@ -122,6 +125,29 @@ def backfill_dag(airflow_db, pg_server, bq_emulator):
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert not bag.import_errors, bag.import_errors
     return bag.get_dag("bigquery_backfill")
+
+
+@pytest.fixture
+def declare_models(tmp_path, monkeypatch, airflow_db, pg_server, bq_emulator):
+    """Declares models in a models file of the test's own, beside the package's `inventory` (as a deployment
+    copies it), through [bigquery_backfill] models_file; returns the backfill DAG as parsed with that file."""
+    import itertools
+
+    import yaml
+    from airflow.dag_processing.dagbag import DagBag
+
+    shipped = yaml.safe_load((ROOT / "plugins" / "bq_backfill" / "models.yaml").read_text())["models"]
+    versions = itertools.count()
+
+    def declare(models: dict | None = None, *, text: str | None = None):
+        path = tmp_path / f"backfill_models_{next(versions)}.yaml"  # a new file: no stale read of an old one
+        path.write_text(text if text is not None else yaml.safe_dump({"models": {**shipped, **(models or {})}}))
+        monkeypatch.setenv("AIRFLOW__BIGQUERY_BACKFILL__MODELS_FILE", str(path))
+        bag = DagBag(dag_folder=str(ROOT / "dags"))
+        assert not bag.import_errors, bag.import_errors
+        return bag.get_dag("bigquery_backfill")
+
+    return declare
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +175,7 @@ def writer_role(pg, monkeypatch):
     role = sql.Identifier(WRITER_ROLE)
     if pg.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [WRITER_ROLE]).fetchone() is None:
         pg.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'writer-password'").format(role))
-    setup_database(pg, WRITER_ROLE, grant_delete=False)
+    setup_database(pg, WRITER_ROLE, grant_delete=False, source_schemas=inventory_schema)
     info = psycopg.conninfo.conninfo_to_dict(pg.info.dsn)
     dsn = psycopg.conninfo.make_conninfo(**{**info, "user": WRITER_ROLE, "password": "writer-password"})
     monkeypatch.setenv("AIRFLOW_CONN_WRITER_PG", services.airflow_conn_uri(dsn))

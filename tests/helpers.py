@@ -7,12 +7,32 @@ from pathlib import Path
 
 from psycopg import sql
 
+from bq_backfill.model_file import get_declaration
+from bq_backfill.models import Column
 from devtools.seed import SEED_TENANT
 
 ROOT = Path(__file__).resolve().parents[1]
 # the role runs connect as in the least-privilege tests: roles are the server's, so one of this session's own
 # (conftest allows the setup DAG to grant it)
 WRITER_ROLE = f"backfill_writer_{os.getpid()}"
+
+
+# the inventory model as a run resolves it against the table setup creates (conftest's pg fixture)
+INVENTORY = get_declaration("inventory").resolved(
+    tuple(
+        Column(name, pg_type)
+        for name, pg_type in (
+            ("tenant_id", "uuid"),
+            ("movement_date", "date"),
+            ("branch_id", "text"),
+            ("product_code", "text"),
+            ("quantity", "numeric(18,4)"),
+            ("unit_cost", "numeric(18,4)"),
+            ("movement_type", "text"),
+            ("updated_at", "timestamp with time zone"),
+        )
+    )
+)
 
 
 def conf(**overrides) -> dict:

@@ -15,6 +15,7 @@ from devtools.seed import (
     create_source,
     insert_target,
     inventory_rows,
+    inventory_schema,
     legacy_jobs,
     target_rows,
 )
@@ -89,7 +90,7 @@ def test_one_run_replaces_207_jobs_with_one_and_syncs_every_row(pg, bq, backfill
     assert table_state(pg, "inventory_movements", "tenant_id = %s", (OTHER_TENANT,)) == other_rows_before
     # the run changed no DDL; with the duplicates gone, the setup run again makes the one-active-job index
     assert pg.execute("SELECT to_regclass('bigquery_backfill_jobs_one_active')").fetchone() == (None,)
-    assert setup_database(pg, None, False)["blocked_pairs"] == 0
+    assert setup_database(pg, None, False, inventory_schema)["blocked_pairs"] == 0
     assert pg.execute("SELECT to_regclass('bigquery_backfill_jobs_one_active')::text").fetchone() == (
         "bigquery_backfill_jobs_one_active",
     )

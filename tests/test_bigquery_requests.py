@@ -13,9 +13,8 @@ import grpc
 import pytest
 from google.cloud import bigquery
 from google.cloud.bigquery_storage_v1 import types
-from helpers import chunks, conf, jobs, scratch_tables
+from helpers import INVENTORY, chunks, conf, jobs, scratch_tables
 
-from bq_backfill.models import get_model
 from devtools import services
 from devtools.grpc_recorder import GrpcRecordingProxy
 from devtools.http_recorder import RecordingProxy, bigquery_error
@@ -23,7 +22,7 @@ from devtools.seed import PROJECT, SEED_TENANT, create_source, inventory_rows, i
 
 SOURCE = f"{PROJECT}.analytics.inventory_movements"
 SOURCE_SQL = f"`{PROJECT}`.`analytics`.`inventory_movements`"
-MODEL = get_model("inventory")
+MODEL = INVENTORY
 ESTIMATE = 123_456_789  # what the proxy has BigQuery estimate for the snapshot query
 
 

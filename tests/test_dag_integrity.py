@@ -11,9 +11,17 @@ from helpers import ROOT
 
 
 def test_dag_imports_without_database_or_network(tmp_path):
+    models = tmp_path / "dags" / "backfill_models.yaml"
+    models.parent.mkdir()
+    shipped = (ROOT / "plugins" / "bq_backfill" / "models.yaml").read_text()
+    models.write_text(shipped + "  orders:\n    source_table: sales.orders\n    target_table: orders\n"
+                      "    conflict_key: [tenant_id, order_id]\n    order_key: [order_id]\n")  # fmt: skip
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(tmp_path),
+        # relative to the DAGs folder, as a deployment names it
+        "AIRFLOW__CORE__DAGS_FOLDER": str(models.parent),
+        "AIRFLOW__BIGQUERY_BACKFILL__MODELS_FILE": models.name,
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://nobody@127.0.0.1:1/none",
         "AIRFLOW_CONN_POSTGRES_DEFAULT": "postgresql://nobody@127.0.0.1:1/none",
         "PYTHONPATH": str(ROOT / "plugins"),
@@ -26,14 +34,16 @@ def test_dag_imports_without_database_or_network(tmp_path):
     code = (
         "import runpy, sys, json; "
         f"ns = runpy.run_path({str(ROOT / 'dags' / 'bigquery_backfill.py')!r}); "
-        "dag = ns['bigquery_backfill'](); "
-        f"print(json.dumps([dag.dag_id, sorted(dag.task_dict), [m for m in {task_time!r} if m in sys.modules]]))"
+        "dag = ns['bigquery_backfill'](); models = dag.params.get_param('model_type').schema['enum']; "
+        f"loaded = [m for m in {task_time!r} if m in sys.modules]; "
+        "print(json.dumps([dag.dag_id, sorted(dag.task_dict), loaded, models]))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    dag_id, tasks, loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    dag_id, tasks, loaded, models = json.loads(out.stdout.strip().splitlines()[-1])
     assert (dag_id, tasks) == ("bigquery_backfill", ["cleanup_stale_jobs", "finalize", "load_chunk", "plan_chunks"])
     assert loaded == []
+    assert models == ["inventory", "orders"]  # the deployment's models file, read from local disk
 
 
 def test_dag_shape(backfill_dag):

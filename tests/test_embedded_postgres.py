@@ -10,9 +10,9 @@ import psycopg
 import pytest
 from helpers import conf, jobs
 
-from bq_backfill import ledger
+from bq_backfill.setup import setup_database
 from devtools import services
-from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, target_rows
+from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, inventory_schema, target_rows
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def embedded_pg(monkeypatch):
         assert "host=/" in admin  # a socket directory of its own, not the server at 127.0.0.1:5432
         dsn = services.recreate_database(admin, "backfill_target")
         with psycopg.connect(dsn, autocommit=True) as conn:
-            ledger.apply_schema(conn)  # the deployment's setup step
+            setup_database(conn, None, False, inventory_schema)  # the deployment's setup step
         monkeypatch.setenv("AIRFLOW_CONN_EMBEDDED_TARGET", services.airflow_conn_uri(dsn))
         yield dsn
 

@@ -21,6 +21,7 @@ from devtools.seed import (
     as_tuples,
     create_source,
     inventory_rows,
+    inventory_schema,
     legacy_jobs,
     target_rows,
 )
@@ -88,7 +89,7 @@ def test_a_legacy_writer_cannot_add_a_second_active_job(pg, bq, backfill_dag):
     _stuck(pg, bq)
     poison(pg)
     backfill_dag.test(run_conf=conf())  # fails at the poisoned chunk; its cleanup removed the legacy duplicates
-    setup_database(pg, None, False)  # run again then, as README says: now it creates the index
+    setup_database(pg, None, False, inventory_schema)  # run again then, as README says: now it creates the index
     pg.execute("UPDATE bigquery_backfill_jobs SET status = 'running'")  # as while the run is active
 
     with pytest.raises(psycopg.errors.UniqueViolation, match="bigquery_backfill_jobs_one_active"):

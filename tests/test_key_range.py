@@ -7,11 +7,11 @@ from datetime import date
 
 import pyarrow as pa
 import pytest
+from helpers import INVENTORY
 
-from bq_backfill.models import get_model
 from bq_backfill.target_rows import KeyRange, key_range, strictly_ascending
 
-MODEL = get_model("inventory")
+MODEL = INVENTORY
 D1, D2 = date(2024, 1, 1), date(2024, 1, 2)
 
 

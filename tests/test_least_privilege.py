@@ -12,7 +12,15 @@ from psycopg import sql
 from test_resume import cure_poison, poison
 
 from bq_backfill.setup import setup_database
-from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
+from devtools.seed import (
+    SEED_TENANT,
+    as_tuples,
+    create_source,
+    inventory_rows,
+    inventory_schema,
+    legacy_jobs,
+    target_rows,
+)
 
 ROLE = WRITER_ROLE
 
@@ -77,7 +85,7 @@ def test_the_writer_role_cannot_change_the_schema_nor_read_what_it_was_not_grant
 
 def test_the_setup_itself_refuses_to_run_as_the_writer_role(pg, writer):
     with psycopg.connect(writer) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
-        setup_database(conn, None, False)
+        setup_database(conn, None, False, inventory_schema)
 
 
 def test_the_setup_dag_grants_the_writer_role(pg_bare, airflow_db, pg_server, monkeypatch):
@@ -120,7 +128,9 @@ def test_the_setup_grants_only_roles_the_deployment_allows(pg_bare, airflow_db, 
     assert setup.params.get_param("writer_role").schema["enum"] == [None, ROLE]  # the trigger form and the API
     for role in ("postgres", "pg_monitor", "someone_else"):
         with pytest.raises(PermissionError, match=f"writer_role '{role}' is not allowed by this deployment"):
-            setup_database(pg_bare, role, grant_delete=False)
+            setup_database(pg_bare, role, grant_delete=False, source_schemas=inventory_schema)
     monkeypatch.setenv("AIRFLOW__BIGQUERY_BACKFILL__ALLOWED_WRITER_ROLES", f"{ROLE},postgres")
     with pytest.raises(PermissionError, match="is the role setup runs as"):
-        setup_database(pg_bare, "postgres", grant_delete=False)  # would revoke the owner's own
+        setup_database(
+            pg_bare, "postgres", grant_delete=False, source_schemas=inventory_schema
+        )  # would revoke the owner's own

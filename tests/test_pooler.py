@@ -27,10 +27,13 @@ POOLED = "pooled_pg"
 
 
 @pytest.fixture
-def pooled_db(pooler, airflow_db):
-    """The pooled database, emptied, then set up by the setup DAG through the pooler; a direct connection to it."""
+def pooled_db(pooler, airflow_db, bq):
+    """The pooled database, emptied, then set up by the setup DAG through the pooler (the inventory source in place:
+    setup checks it); a direct connection to it."""
     from airflow.dag_processing.dagbag import DagBag
     from helpers import ROOT
+
+    create_source(bq, inventory_rows(SEED_TENANT, 1))
 
     with psycopg.connect(pooler["direct"], autocommit=True) as conn:
         conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")

@@ -11,12 +11,11 @@ from decimal import Decimal
 import psycopg
 import pyarrow as pa
 import pytest
-from helpers import chunks, conf, jobs, table_state
+from helpers import INVENTORY, chunks, conf, jobs, table_state
 from test_reconciliation import _swallow
 from test_write_paths import _chunk_rows
 
 from bq_backfill import ledger, range_proofs, sink
-from bq_backfill.models import get_model
 from bq_backfill.target_rows import key_range
 from devtools.seed import (
     ARROW_SCHEMA,
@@ -28,7 +27,7 @@ from devtools.seed import (
     target_rows,
 )
 
-MODEL = get_model("inventory")
+MODEL = INVENTORY
 
 
 def _where(row: dict) -> tuple[str, tuple]:

@@ -6,18 +6,25 @@ import logging
 
 import psycopg
 import pytest
-from helpers import table_state
+from helpers import INVENTORY, table_state
 from psycopg import sql
 
 from bq_backfill import ledger
 from bq_backfill.ledger import RunKey
-from bq_backfill.models import get_model
-from bq_backfill.setup import setup_database
+from bq_backfill.setup import check_model, setup_database
 from bq_backfill.tasks.cleanup import cleanup_stale_jobs
-from devtools.seed import OTHER_TENANT, SEED_TENANT, create_source, insert_target, inventory_rows, legacy_jobs
+from devtools.seed import (
+    OTHER_TENANT,
+    SEED_TENANT,
+    create_source,
+    insert_target,
+    inventory_rows,
+    inventory_schema,
+    legacy_jobs,
+)
 
 RUN = RunKey("bigquery_backfill", "manual__test")
-MODEL = get_model("inventory")
+MODEL = INVENTORY
 
 
 def unknown_to_airflow(dag_id: str, run_id: str) -> None:
@@ -54,6 +61,8 @@ def test_the_catalog_check_lists_exactly_what_schema_sql_creates(pg_bare):
         "index bigquery_backfill_jobs.bigquery_backfill_jobs_dag_run",
     } <= set(ledger.missing_schema(pg, MODEL))
     ledger.apply_schema(pg)
+    assert ledger.missing_schema(pg, MODEL) == ["table inventory_movements"]  # created by setup, from the source
+    check_model(pg, MODEL, inventory_schema)
     assert ledger.missing_schema(pg, MODEL) == []
     # every ledger column and index schema.sql makes is one the check looks for: dropping any is noticed
     ledger_tables = ["bigquery_backfill_jobs", "backfill_source_progress", "backfill_chunks", "backfill_quarantine",
@@ -82,12 +91,12 @@ def test_the_catalog_check_lists_exactly_what_schema_sql_creates(pg_bare):
 
 
 def test_the_target_table_is_checked_against_its_model(pg):
-    pg.execute("ALTER TABLE inventory_movements DROP COLUMN unit_cost")
     pg.execute("ALTER TABLE inventory_movements DROP CONSTRAINT inventory_movements_key")
     pg.execute("CREATE UNIQUE INDEX wrong_key ON inventory_movements (tenant_id, movement_date, branch_id)")
+    pg.execute("ALTER TABLE inventory_movements DROP COLUMN product_code CASCADE")
 
     assert ledger.missing_schema(pg, MODEL) == [
-        "column inventory_movements.unit_cost",
+        "column inventory_movements.product_code",
         "unique index on inventory_movements (tenant_id, movement_date, branch_id, product_code)",
     ]
 
@@ -196,7 +205,7 @@ def test_setup_with_legacy_duplicates_warns_and_a_run_says_the_index_is_missing(
     _populated(pg)
 
     with caplog.at_level(logging.INFO):
-        done = setup_database(pg, None, False)
+        done = setup_database(pg, None, False, inventory_schema)
         cleanup_stale_jobs(_settings(), RUN, run_active=unknown_to_airflow)
 
     assert done["blocked_pairs"] == 3
@@ -221,7 +230,7 @@ def test_cleanup_claims_the_runs_job_before_the_snapshot_is_taken(pg, bq):
     with pytest.raises(RuntimeError, match="another pending/running backfill job exists"):
         ledger.claim_job(pg, RunKey("bigquery_backfill", "manual__other"), SEED_TENANT, "inventory")
     # ... and, once the setup has made the index over every writer, no legacy writer either
-    setup_database(pg, None, False)
+    setup_database(pg, None, False, inventory_schema)
     with pytest.raises(psycopg.errors.UniqueViolation, match="bigquery_backfill_jobs_one_active"):
         legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=1)
 

@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from google.cloud import bigquery
+from helpers import INVENTORY
 
-from bq_backfill.models import get_model
 from bq_backfill.source import BigQuerySource, LocationMismatchError, TableRef, _merged, job_labels
 from devtools.seed import OTHER_TENANT, PROJECT, SEED_TENANT, append_source, create_source, inventory_table
 
-MODEL = get_model("inventory")
+MODEL = INVENTORY
 
 
 def _source() -> BigQuerySource:

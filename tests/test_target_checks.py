@@ -3,36 +3,59 @@ the table, the role and the fix: a column of another type, row-level security fo
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
+from helpers import INVENTORY, conf, scratch_tables
 from helpers import WRITER_ROLE as ROLE
-from helpers import conf, scratch_tables
 from psycopg import sql
 
 from bq_backfill import ledger, target_checks
-from bq_backfill.models import get_model
 from devtools.seed import SEED_TENANT, as_tuples, create_source, insert_target, inventory_rows, target_rows
 
-MODEL = get_model("inventory")
+MODEL = INVENTORY
 
 
 def test_a_column_of_another_type_is_refused_before_anything_is_read(pg, bq, backfill_dag, caplog):
     source = inventory_rows(SEED_TENANT, 300)
     create_source(bq, source)
-    pg.execute("ALTER TABLE inventory_movements ALTER COLUMN quantity TYPE numeric(18,2)")
-    pg.execute("ALTER TABLE inventory_movements ALTER COLUMN movement_type TYPE varchar(40)")
-    insert_target(pg, [{**source[0], "quantity": 1}])
+    pg.execute("ALTER TABLE inventory_movements ALTER COLUMN quantity TYPE bigint")
+    pg.execute("ALTER TABLE inventory_movements ALTER COLUMN movement_type TYPE integer USING NULL")
+    insert_target(pg, [{**source[0], "quantity": 1, "movement_type": None}])
 
     dr = backfill_dag.test(run_conf=conf())
 
     assert dr.state == "failed"
     assert {ti.task_id: ti.state for ti in dr.get_task_instances()}["cleanup_stale_jobs"] == "failed"
     message = (
-        "table inventory_movements has columns of other types than model 'inventory': quantity: the model has "
-        "numeric(18,4), the table numeric(18,2); movement_type: the model has text, the table character varying(40)"
+        "model 'inventory': column 'quantity': BigQuery NUMERIC does not land in Postgres bigint; it lands in "
+        "numeric; column 'movement_type': BigQuery STRING does not land in Postgres integer; it lands in text or "
+        "character varying or uuid. Change the target column's type (or the source's)"
     )
-    assert message in caplog.text and "bigquery_backfill_setup" in caplog.text
+    assert message in caplog.text
     assert scratch_tables(bq) == []  # no snapshot taken, nothing billed
-    assert target_rows(pg, SEED_TENANT) == as_tuples([{**source[0], "quantity": 1}])
+    assert target_rows(pg, SEED_TENANT) == as_tuples([{**source[0], "quantity": 1, "movement_type": None}])
+
+
+def test_a_column_altered_during_the_run_fails_its_chunk(pg):
+    """The run's columns are fixed at cleanup (the job's model_columns); a chunk refuses a target altered since."""
+    pg.execute("ALTER TABLE inventory_movements ALTER COLUMN quantity TYPE numeric(18,2)")
+    with pg.transaction(), pytest.raises(target_checks.TargetRefusedError, match=r"quantity: the run has numeric"):
+        target_checks.check_target(pg, MODEL, ledger.LEDGER_TABLES)
+
+
+def test_text_longer_than_its_varchar_is_rejected_not_landed():
+    from bq_backfill.models import Column
+    from bq_backfill.validate import split_invalid
+
+    model = MODEL.resolved(tuple(Column(c.name, "character varying(3)" if c.name == "movement_type" else c.pg_type)
+                                 for c in MODEL.columns))  # fmt: skip
+    rows = pa.Table.from_pylist([{**r, "_row_offset": i} for i, r in enumerate(inventory_rows(SEED_TENANT, 3))])
+    rows = rows.set_column(rows.schema.get_field_index("movement_type"), "movement_type",
+                           pa.array(["abc", "abcd", "äöü"]))  # fmt: skip
+
+    checked = split_invalid(model, rows, "_row_offset")
+
+    assert checked.rejected.offsets == [1] and checked.rejected.reasons == ["movement_type longer than 3 characters"]
 
 
 def test_the_models_own_types_pass_however_postgres_spells_them(pg):

@@ -9,15 +9,14 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers import chunks, conf, jobs, table_state
+from helpers import INVENTORY, chunks, conf, jobs, table_state
 from test_reconciliation import _swallow
 from test_write_paths import _chunk_rows
 
 from bq_backfill import ledger, range_proofs, sink, target_checks
-from bq_backfill.models import get_model
 from devtools.seed import SEED_TENANT, as_tuples, create_source, insert_target, inventory_rows, target_rows
 
-MODEL = get_model("inventory")
+MODEL = INVENTORY
 
 
 def _stamp(pg) -> None:

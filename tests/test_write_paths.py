@@ -11,11 +11,10 @@ from decimal import Decimal
 import psycopg
 import pyarrow as pa
 import pytest
-from helpers import chunks, conf, jobs, table_state
+from helpers import INVENTORY, chunks, conf, jobs, table_state
 from psycopg import sql
 
 from bq_backfill import ledger, sink
-from bq_backfill.models import get_model
 from devtools.seed import (
     ARROW_SCHEMA,
     SEED_TENANT,
@@ -26,7 +25,7 @@ from devtools.seed import (
     target_rows,
 )
 
-MODEL = get_model("inventory")
+MODEL = INVENTORY
 
 
 def _source_with_edge_values() -> list[dict]:

@@ -11,4 +11,5 @@ SET status = 'running',
     error_message = NULL,
     completed_at = NULL,
     updated_at = now()
-RETURNING id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at, (xmax = 0) AS created;
+RETURNING id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at, model_columns,
+          (xmax = 0) AS created;

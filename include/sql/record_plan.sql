@@ -9,4 +9,5 @@ SET total_records = %(total_records)s,
     estimated_bytes = %(estimated_bytes)s,
     updated_at = now()
 WHERE id = %(job_id)s AND snapshot_table IS NULL
-RETURNING id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at, target_snapshot;
+RETURNING id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at, target_snapshot,
+          model_columns;

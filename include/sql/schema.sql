@@ -1,21 +1,9 @@
--- Idempotent DDL for the backfill ledger and the first model's target table.
+-- Idempotent DDL for the backfill ledger (the models' target tables: setup.create_target, from each source's schema).
 -- Safe on a database where these tables already exist (the legacy backfill created the two ledger tables):
 -- every table is created only if missing and every column this tool needs is added only if missing.
 -- Applied by the setup step (the bigquery_backfill_setup DAG), never by a run.
 -- The one-active-job index over every writer is not here: it can only exist once the legacy duplicates are gone
 -- (see ensure_active_job_index.sql); the one over this DAG's own jobs is, and always can be.
-
-CREATE TABLE IF NOT EXISTS inventory_movements (
-    tenant_id      uuid          NOT NULL,
-    movement_date  date          NOT NULL,
-    branch_id      text          NOT NULL,
-    product_code   text          NOT NULL,
-    quantity       numeric(18,4),
-    unit_cost      numeric(18,4),
-    movement_type  text,
-    updated_at     timestamptz,
-    CONSTRAINT inventory_movements_key UNIQUE (tenant_id, movement_date, branch_id, product_code)
-);
 
 CREATE TABLE IF NOT EXISTS bigquery_backfill_jobs (
     id                uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -50,7 +38,10 @@ ALTER TABLE bigquery_backfill_jobs
     -- BigQuery's dry-run estimate of the bytes the snapshot query processes (what on-demand pricing bills)
     ADD COLUMN IF NOT EXISTS estimated_bytes   bigint,
     -- source columns no model column reads (a column added in BigQuery): the run ignores them and says so
-    ADD COLUMN IF NOT EXISTS ignored_source_columns text[];
+    ADD COLUMN IF NOT EXISTS ignored_source_columns text[],
+    -- the model's columns as the run resolved them at cleanup, [[target, Postgres type, source column], ...]: every
+    -- later task of the run reads and writes exactly these
+    ADD COLUMN IF NOT EXISTS model_columns jsonb;
 -- A job belongs to exactly one dag run: re-running the run's tasks reuses it.
 CREATE UNIQUE INDEX IF NOT EXISTS bigquery_backfill_jobs_dag_run
     ON bigquery_backfill_jobs (dag_id, dag_run_id);

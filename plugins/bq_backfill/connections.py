@@ -112,4 +112,4 @@ def bigquery(conn_id: str) -> BigQuerySource:
 
 
 def source_table(s: Settings, bq: BigQuerySource) -> TableRef:
-    return bq.table(s.source_table or s.model.source_table)
+    return bq.table(s.source_table or s.declaration.source_table)

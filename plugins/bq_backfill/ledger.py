@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from bq_backfill.models import Model
+from bq_backfill.models import Declaration, Model, ModelMismatchError
 from bq_backfill.sqlfiles import sql_text
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Job:
     snapshot_at: datetime | None
     error_message: str | None = None
     target_snapshot: str | None = None  # Postgres's pg_current_snapshot() as the plan fixed the as-of time
+    model_columns: list[list[str]] | None = None  # the model's columns as cleanup resolved them (Model.as_record)
 
 
 def _one(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -73,15 +74,21 @@ def apply_schema(conn: psycopg.Connection) -> None:
     conn.execute(sql_text("schema.sql"))
 
 
-def missing_schema(conn: psycopg.Connection, model: Model) -> list[str]:
+def missing_schema(conn: psycopg.Connection, model: Declaration) -> list[str]:
     """What a run needs that the catalog does not have: ledger columns and indexes, the model's target table, its
-    columns and a unique index on exactly its conflict key. Empty when the setup step has run."""
+    key columns and a unique index on exactly its conflict key. Empty when the setup step has run."""
     missing = [f"{m['kind']} {m['table_name']}.{m['name']}" for m in _all(conn, "schema_missing.sql", {})]
+    return missing + missing_target(conn, model)
+
+
+def missing_target(conn: psycopg.Connection, model: Declaration) -> list[str]:
+    """What the model's target table lacks: the table itself, its key columns, a unique index on exactly its
+    conflict key (what ON CONFLICT needs)."""
     shape = _all(conn, "target_shape.sql", {"target_table": model.target_table})
     columns = {r["name"] for r in shape if r["kind"] == "column"}
     if not columns:
-        return [*missing, f"table {model.target_table}"]
-    missing += [f"column {model.target_table}.{c}" for c in model.column_names if c not in columns]
+        return [f"table {model.target_table}"]
+    missing = [f"column {model.target_table}.{c}" for c in model.conflict_key if c not in columns]
     if sorted(model.conflict_key) not in [r["key_columns"] for r in shape if r["kind"] == "unique"]:
         missing.append(f"unique index on {model.target_table} ({', '.join(model.conflict_key)})")
     return missing
@@ -97,7 +104,7 @@ SETUP_HINT = (
 )
 
 
-def check_schema(conn: psycopg.Connection, model: Model) -> None:
+def check_schema(conn: psycopg.Connection, model: Declaration) -> None:
     """Fails naming what is missing; a run changes no DDL (it would need the privilege, and its locks would wait for
     every open transaction on the table)."""
     missing = missing_schema(conn, model)
@@ -200,9 +207,28 @@ def claim_job(conn: psycopg.Connection, run: RunKey, tenant_id: str, model_type:
     return _job(row), bool(row["created"])
 
 
-def record_ignored_columns(conn: psycopg.Connection, job: Job, columns: list[str]) -> None:
-    """Notes on the job the source columns that no model column reads (empty: none)."""
-    conn.execute(sql_text("record_ignored_columns.sql"), {"job_id": job.id, "columns": columns})
+def record_model(conn: psycopg.Connection, job: Job, model: Model, ignored: list[str]) -> None:
+    """Records on the job the model's columns as resolved now, which every later task of the run uses, and the
+    source columns no model column reads (empty: none). A job already planned keeps the columns its snapshot was
+    taken with: a change since refuses the run."""
+    record = model.as_record()
+    if job.snapshot_table is not None and job.model_columns is not None and job.model_columns != record:
+        changed = [c for c in (*job.model_columns, *record) if (c in record) != (c in job.model_columns)]
+        raise ModelMismatchError(
+            f"job {job.id}: model {model.model_type!r}'s columns changed since this run's snapshot was taken "
+            f"({'; '.join(' '.join(c) for c in changed)}): its snapshot no longer fits the target. Trigger a new run"
+        )
+    conn.execute(sql_text("record_model.sql"), {"job_id": job.id, "model_columns": Jsonb(record), "ignored": ignored})
+
+
+def run_model(declaration: Declaration, job: Job) -> Model:
+    """The model as the job's cleanup resolved it."""
+    if job.model_columns is None:
+        raise ModelMismatchError(
+            f"job {job.id} has no model columns recorded (cleanup_stale_jobs did not finish, or an older version "
+            "ran it): clear the run from cleanup_stale_jobs, or trigger a new run"
+        )
+    return Model.from_record(declaration, job.model_columns)
 
 
 def record_plan(
@@ -300,6 +326,7 @@ def _job(row: dict[str, Any]) -> Job:
         snapshot_at=row["snapshot_at"],
         error_message=row.get("error_message"),
         target_snapshot=row.get("target_snapshot"),
+        model_columns=row.get("model_columns"),
     )
 
 

@@ -12,9 +12,6 @@ from urllib.parse import urlsplit
 
 from airflow.providers.standard.operators.python import PythonOperator
 
-# Postgres type of a model column -> the BigQuery type the source holds it in
-BIGQUERY_TYPES = {"uuid": "STRING", "date": "DATE", "text": "STRING", "timestamptz": "TIMESTAMP", "bigint": "INT64"}
-
 
 class FinalizeOperator(PythonOperator):
     """finalize: a PythonOperator (the standard provider's public operator) whose return value (finalize's result)
@@ -43,9 +40,9 @@ def run_lineage(result: dict[str, Any]) -> Any:
     )
     from airflow.providers.openlineage.extractors import OperatorLineage
 
-    from bq_backfill.models import get_model
+    from bq_backfill import type_map
 
-    model = get_model(result["model_type"])
+    columns = result.get("columns") or []
 
     def schema(types: dict[str, str]) -> SchemaDatasetFacet:
         return SchemaDatasetFacet(fields=[SchemaDatasetFacetFields(name=n, type=t) for n, t in types.items()])
@@ -53,7 +50,7 @@ def run_lineage(result: dict[str, Any]) -> Any:
     source = InputDataset(
         namespace="bigquery",
         name=result["source_table"],
-        facets={"schema": schema({c.name: _bigquery_type(c.pg_type) for c in model.columns})},
+        facets={"schema": schema({source: type_map.source_type(pg_type) for _, pg_type, source in columns})},
     )
     target = urlsplit(result["asset_uri"])
     _, database, pg_schema, table = target.path.split("/")
@@ -61,11 +58,7 @@ def run_lineage(result: dict[str, Any]) -> Any:
     output = OutputDataset(
         namespace=f"postgres://{target.netloc}",
         name=f"{database}.{pg_schema}.{table}",
-        facets={"schema": schema({c.name: c.pg_type for c in model.columns})},
+        facets={"schema": schema({name: pg_type for name, pg_type, _ in columns})},
         outputFacets={"outputStatistics": OutputStatisticsOutputDatasetFacet(rowCount=written)},
     )
     return OperatorLineage(inputs=[source], outputs=[output])
-
-
-def _bigquery_type(pg_type: str) -> str:
-    return "NUMERIC" if pg_type.startswith("numeric") else BIGQUERY_TYPES.get(pg_type, "STRING")

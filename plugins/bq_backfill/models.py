@@ -1,50 +1,154 @@
-"""Registry of backfillable models: where each one is read from, where it lands, and how it is keyed.
+"""What a model is: a Declaration (what the deployment's models file says, model_file.py) and a Model (that
+declaration resolved for a run: its columns, each with the target's Postgres type and the source column it is read
+from).
 
-Adding a model is one `register(Model(...))` entry here plus its target table DDL in include/sql/schema.sql.
-Identifiers used in SQL come only from this registry, never from DAG conf.
+Column names and types are not declared: they come from the target's catalog and the source's schema (`resolve`).
+Identifiers used in SQL come only from declarations, validated here, never from DAG conf. Neither system's client
+is imported here.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+from bq_backfill import type_map
+
+# Postgres identifiers as written unquoted (what psql and most DDL produce), and BigQuery column names
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SOURCE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,299}$")
+_SOURCE_TABLE = re.compile(r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$")
+# a Postgres type as a declaration may name it for a table setup creates: letters, one modifier, array brackets
+_PG_TYPE = re.compile(r"^[a-z][a-z ]{0,40}(\(\d{1,4}(,\s?\d{1,4})?\))?(\[\])?$")
 # A snapshot row's position in its tenant's order key: numbered by BigQuery, carried by every slice into Postgres.
 OFFSET_COLUMN = "_row_offset"
+# the package's own tables are named so: no model may write into one
+RESERVED_TABLE_PREFIXES = ("backfill_", "bigquery_backfill_")
+
+
+class DeclarationError(ValueError):
+    """A model's declaration is unusable: names the model and the field."""
+
+    def __init__(self, model: str, field_name: str, problem: str) -> None:
+        super().__init__(f"model {model!r}, field {field_name}: {problem}")
+        self.model, self.field = model, field_name
+
+
+class ModelMismatchError(LookupError):
+    """A model does not fit its source or target as they are now (a column gone, a type changed): refused before
+    anything is written."""
 
 
 @dataclass(frozen=True)
 class Column:
-    name: str
-    pg_type: str  # the staging column type; must accept what the target column accepts
+    name: str  # the target column
+    pg_type: str  # its type as format_type spells it (the staging column's type too)
+    source: str = ""  # the source column it is read from: its own name unless renamed
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            object.__setattr__(self, "source", self.name)
 
 
 @dataclass(frozen=True)
-class Model:
+class TargetColumn:
+    """A target table column as the Postgres catalog has it."""
+
+    name: str
+    pg_type: str
+    has_default: bool = False
+    generated: bool = False  # GENERATED ALWAYS (AS IDENTITY or a stored expression): never written
+
+
+@dataclass(frozen=True)
+class Declaration:
     model_type: str
     source_table: str  # "dataset.table" (project of the BigQuery connection) or "project.dataset.table"
     target_table: str
-    columns: tuple[Column, ...]
     conflict_key: tuple[str, ...]  # the target's unique key, tenant column first
     order_key: tuple[str, ...]  # total order of one tenant's source rows: offsets are positions in it
     tenant_column: str = "tenant_id"
+    selected: tuple[str, ...] | None = None  # the target columns written (`columns:`); None: every one
+    renames: Mapping[str, str] = field(default_factory=dict)  # source column -> target column
+    create_types: Mapping[str, str] = field(default_factory=dict)  # target column -> type, when setup creates it
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        names = [c.name for c in self.columns]
-        for ident in (self.model_type, self.target_table, *names):
-            if not _IDENT.match(ident):
-                raise ValueError(f"model {self.model_type!r}: {ident!r} is not a plain lower-case identifier")
-        for part, cols in (("conflict_key", self.conflict_key), ("order_key", self.order_key)):
-            missing = [c for c in cols if c not in names]
-            if missing:
-                raise ValueError(f"model {self.model_type!r}: {part} names unknown columns {missing}")
+        bad = DeclarationError
+        name = self.model_type
+        if not _IDENT.match(name):
+            raise bad(name, "model name", "not a plain lower-case identifier (letters, digits, _; at most 63)")
+        if not isinstance(self.source_table, str) or not _SOURCE_TABLE.match(self.source_table):
+            raise bad(name, "source_table", f"{self.source_table!r} is not 'dataset.table' or 'project.dataset.table'")
+        if not isinstance(self.target_table, str) or not _IDENT.match(self.target_table):
+            raise bad(name, "target_table", f"{self.target_table!r} is not a plain lower-case identifier")
+        if self.target_table.startswith(RESERVED_TABLE_PREFIXES):
+            raise bad(name, "target_table", f"{self.target_table!r} is reserved for the backfill's own tables")
+        for part in ("conflict_key", "order_key", "selected"):
+            cols = getattr(self, part)
+            label = "columns" if part == "selected" else part
+            if cols is None:
+                continue
+            if not cols:
+                raise bad(name, label, "must name at least one column")
+            self._plain(label, cols)
+            if len(set(cols)) != len(cols):
+                raise bad(name, label, f"names a column twice: {list(cols)}")
+        self._plain("tenant_column", [self.tenant_column])
         if self.conflict_key[0] != self.tenant_column:
-            raise ValueError(f"model {self.model_type!r}: conflict_key must start with {self.tenant_column!r}")
+            raise bad(name, "conflict_key", f"must start with the tenant column {self.tenant_column!r}")
         # Offsets are only stable if the order key pins every row: it must cover the key within the tenant.
-        if not set(self.conflict_key[1:]) <= set(self.order_key):
-            raise ValueError(f"model {self.model_type!r}: order_key must include every conflict_key column")
+        uncovered = [c for c in self.conflict_key[1:] if c not in self.order_key]
+        if uncovered:
+            raise bad(name, "order_key", f"must include every conflict_key column but the tenant's; lacks {uncovered}")
+        if self.selected is not None:
+            absent = [c for c in dict.fromkeys([*self.conflict_key, *self.order_key]) if c not in self.selected]
+            if absent:
+                raise bad(name, "columns", f"must include the conflict_key and order_key columns; lacks {absent}")
+        for source, target in self.renames.items():
+            if not isinstance(source, str) or not _SOURCE_IDENT.match(source):
+                raise bad(name, "renames", f"source column {source!r} is not a plain BigQuery column name")
+            self._plain("renames", [target])
+        targets = list(self.renames.values())
+        if len(set(targets)) != len(targets):
+            raise bad(name, "renames", "two source columns are renamed to the same target column")
+        for column, pg_type in self.create_types.items():
+            self._plain("create_types", [column])
+            if not isinstance(pg_type, str) or not _PG_TYPE.match(pg_type):
+                raise bad(name, "create_types", f"{column}: {pg_type!r} is not a plain Postgres type name")
+
+    def _plain(self, label: str, names) -> None:
+        for ident in names:
+            if not isinstance(ident, str) or not _IDENT.match(ident):
+                raise DeclarationError(self.model_type, label, f"{ident!r} is not a plain lower-case identifier")
+            if ident == OFFSET_COLUMN:
+                raise DeclarationError(self.model_type, label, f"{ident!r} is reserved (the snapshot's row offset)")
+
+    def source_name(self, column: str) -> str:
+        """The source column a target column is read from (renames), before the source's schema is known."""
+        return next((s for s, t in self.renames.items() if t == column), column)
+
+    def resolved(self, columns: tuple[Column, ...]) -> Model:
+        fields = {f: getattr(self, f) for f in Declaration.__dataclass_fields__}
+        return Model(**fields, columns=columns)
+
+
+@dataclass(frozen=True)
+class Model(Declaration):
+    """A declaration with its columns, as one run reads and writes them."""
+
+    columns: tuple[Column, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        names = [c.name for c in self.columns]
+        for ident in names:
+            if not _IDENT.match(ident):
+                raise DeclarationError(self.model_type, "columns", f"{ident!r} is not a plain lower-case identifier")
+        missing = [c for c in dict.fromkeys([*self.conflict_key, *self.order_key]) if c not in names]
+        if missing:
+            raise DeclarationError(self.model_type, "conflict_key/order_key", f"names unknown columns {missing}")
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -55,40 +159,75 @@ class Model:
         """Columns that an upsert may change: everything outside the conflict key."""
         return tuple(n for n in self.column_names if n not in self.conflict_key)
 
+    def source_name(self, column: str) -> str:
+        return next((c.source for c in self.columns if c.name == column), column)
 
-MODELS: dict[str, Model] = {}
+    def as_record(self) -> list[list[str]]:
+        """The columns as [name, type, source] lists: how a run passes them from task to task (XCom, job row)."""
+        return [[c.name, c.pg_type, c.source] for c in self.columns]
 
-
-def register(model: Model) -> Model:
-    MODELS[model.model_type] = model
-    return model
-
-
-def get_model(model_type: str) -> Model:
-    try:
-        return MODELS[model_type]
-    except KeyError:
-        known = ", ".join(sorted(MODELS)) or "none"
-        raise ValueError(f"unknown model_type {model_type!r}; registered models: {known}") from None
+    @classmethod
+    def from_record(cls, declaration: Declaration, record: list[list[str]]) -> Model:
+        return declaration.resolved(tuple(Column(name, pg_type, source) for name, pg_type, source in record))
 
 
-register(
-    Model(
-        model_type="inventory",
-        source_table="analytics.inventory_movements",
-        target_table="inventory_movements",
-        columns=(
-            Column("tenant_id", "uuid"),
-            Column("movement_date", "date"),
-            Column("branch_id", "text"),
-            Column("product_code", "text"),
-            Column("quantity", "numeric(18,4)"),
-            Column("unit_cost", "numeric(18,4)"),
-            Column("movement_type", "text"),
-            Column("updated_at", "timestamptz"),
-        ),
-        conflict_key=("tenant_id", "movement_date", "branch_id", "product_code"),
-        order_key=("movement_date", "branch_id", "product_code", "updated_at"),
-        description="Stock movements per tenant, branch, product and day.",
-    )
-)
+@dataclass(frozen=True)
+class Resolution:
+    model: Model
+    ignored: list[str]  # source columns the model does not read
+    defaulted: list[str]  # target columns the source does not have, left to their default
+
+
+def resolve(declaration: Declaration, target: list[TargetColumn], source: Mapping[str, str]) -> Resolution:
+    """The declaration's columns as the target's catalog (`target`) and the source's schema (`source`: column name
+    -> BigQuery type, ARRAY<...> for a repeated one) have them now. Refuses (ModelMismatchError), naming each column,
+    a target column the source lacks (unless left to its default), a missing key or a type pair outside the table."""
+    d = declaration
+    by_name = {c.name: c for c in target}
+    if not by_name:
+        raise ModelMismatchError(
+            f"model {d.model_type!r}: target table {d.target_table} does not exist; the setup DAG "
+            "(bigquery_backfill_setup) creates it from the source's schema"
+        )
+    wanted = list(d.selected) if d.selected is not None else [c.name for c in target if not c.generated]
+    # BigQuery column names are case-insensitive; the source's own spelling goes into the queries
+    source_names = {name.lower(): name for name in source}
+    renamed = {t: s for s, t in d.renames.items()}
+    problems: list[str] = []
+    unknown = [c for c in wanted if c not in by_name]
+    if unknown:
+        problems.append(f"columns {unknown} are not columns of target table {d.target_table}")
+    generated = [c for c in wanted if c in by_name and by_name[c].generated]
+    if generated:
+        problems.append(f"target columns {generated} are generated (GENERATED ALWAYS): they cannot be written")
+    columns, lost, defaulted = [], [], []
+    for name in wanted:
+        if name not in by_name or by_name[name].generated:
+            continue
+        wanted_source = renamed.get(name, name)
+        spelled = source_names.get(wanted_source.lower())
+        if spelled is None:
+            if d.selected is None and by_name[name].has_default and name not in (*d.conflict_key, *d.order_key):
+                defaulted.append(name)
+            else:
+                lost.append(name if wanted_source == name else f"{wanted_source} (into {name})")
+            continue
+        columns.append(Column(name, by_name[name].pg_type, spelled))
+    if lost:
+        problems.append(
+            f"source columns {lost} are not in the source table {d.source_table}: restore them in the source, or "
+            "leave their target columns out of the model (its `columns:` list; README: Schema drift)"
+        )
+    unmatched = [s for s in d.renames if s.lower() not in source_names]
+    if unmatched:
+        problems.append(f"renames names source columns {unmatched} that are not in {d.source_table}")
+    refused = [
+        why for c in columns if (why := type_map.mismatch(c.name, source[c.source], c.pg_type))
+    ]  # fmt: skip
+    if refused:
+        problems.append("; ".join(refused) + ". Change the target column's type (or the source's)")
+    if problems:
+        raise ModelMismatchError(f"model {d.model_type!r}: " + "; ".join(problems))
+    model = d.resolved(tuple(columns))
+    read = {c.source for c in columns}
+    return Resolution(model, sorted(n for n in source if n not in read), defaulted)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bq_backfill.models import Model, get_model
+from bq_backfill.models import Declaration
 
 CONFIG_SECTION = "bigquery_backfill"
 # The Airflow pool bounding the chunks that write to Postgres at once; the deployment creates it (README "Deploy").
@@ -24,7 +24,7 @@ ALLOWLISTS = {
     "gcp_conn_id": ("allowed_gcp_conn_ids", "google_cloud_default"),
     "postgres_conn_id": ("allowed_postgres_conn_ids", "postgres_default"),
     "scratch_dataset": ("allowed_scratch_datasets", "backfill_scratch"),
-    "source_table": ("allowed_source_tables", ""),  # beyond the registered models' own tables (Param left empty)
+    "source_table": ("allowed_source_tables", ""),  # beyond the declared models' own tables (Param left empty)
 }
 # The setup DAG's connection: a role that may change the schema, which backfill runs must not be able to name.
 SETUP_CONN_OPTION = ("allowed_setup_postgres_conn_ids", "postgres_default")
@@ -148,5 +148,7 @@ class Settings:
         return settings
 
     @property
-    def model(self) -> Model:
-        return get_model(self.model_type)
+    def declaration(self) -> Declaration:
+        from bq_backfill.model_file import get_declaration
+
+        return get_declaration(self.model_type)

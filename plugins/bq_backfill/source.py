@@ -132,10 +132,6 @@ class SourceNotTableError(ValueError):
     """The source is a view or another kind of table that time travel (FOR SYSTEM_TIME AS OF) cannot read."""
 
 
-class SourceTypeError(TypeError):
-    """A source column's BigQuery type does not land in the model's Postgres type (type_map)."""
-
-
 # Reasons of a 403 that mean "later", not "never": retried by the client with backoff (bounded), then by Airflow.
 RETRIED_REASONS = frozenset({"rateLimitExceeded", "quotaExceeded", "backendError", "internalError", "badGateway"})
 
@@ -172,6 +168,13 @@ class LocationMismatchError(ValueError):
 def snapshot_name(model: Model, tenant_id: str, dag_id: str, run_id: str) -> str:
     digest = hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:16]
     return f"backfill_{model.model_type}_{tenant_id.replace('-', '')}_{digest}"
+
+
+def _read_columns(model: Model, columns) -> str:
+    """A SELECT list of the model's columns as read from the source: each source column, as its target name."""
+    return ", ".join(
+        f"`{model.source_name(c)}`" + ("" if model.source_name(c) == c else f" AS `{c}`") for c in columns
+    )  # fmt: skip
 
 
 def _as_of_literal(ts: datetime) -> str:
@@ -211,9 +214,9 @@ class BigQuerySource:
     def table(self, name: str) -> TableRef:
         return TableRef.parse(name, self.project)
 
-    def check_source(self, model: Model, source: TableRef) -> list[str]:
-        """Fails early, naming the table, if the source is missing, lacks a column of the model or holds one in a type
-        that does not land in the model's (type_map); returns the source's other columns, which the run ignores."""
+    def source_schema(self, source: TableRef) -> dict[str, str]:
+        """The source table's columns and their types (standard SQL names, ARRAY<...> for a REPEATED one), after
+        checking it is a table that exists: what a model is resolved against (models.resolve)."""
         try:
             with needs(f"read the metadata of {source}", f"bigquery.tables.get on {source}"):
                 table = self.client.get_table(str(source), retry=FAST_RETRY, timeout=CALL_TIMEOUT)
@@ -225,25 +228,7 @@ class BigQuerySource:
                 "travel (FOR SYSTEM_TIME AS OF), which only tables have. Point source_table at the table the "
                 f"{table.table_type.lower()} reads (allowed by [bigquery_backfill] allowed_source_tables)"
             )
-        missing = sorted(set(model.column_names) - {f.name for f in table.schema})
-        if missing:
-            raise LookupError(
-                f"BigQuery source table {source} lacks columns {missing} of model {model.model_type!r}: nothing was "
-                "written. Restore them in the source, or take them out of the model (README: Schema drift)"
-            )
-        fields = {f.name: f for f in table.schema}
-        refused = [
-            why
-            for column in model.columns
-            if (why := type_map.mismatch(column.name, self.column_type(fields[column.name]), column.pg_type))
-        ]
-        if refused:
-            raise SourceTypeError(
-                f"BigQuery source table {source} and model {model.model_type!r}: "
-                + "; ".join(refused)
-                + ". Change the model's (and the target table's) column type, or the source's"
-            )
-        return sorted(set(fields) - set(model.column_names))
+        return {f.name: self.column_type(f) for f in table.schema}
 
     @staticmethod
     def column_type(field: bigquery.SchemaField) -> str:
@@ -334,13 +319,13 @@ class BigQuerySource:
     def snapshot_select(model: Model, source: TableRef, as_of: datetime) -> str:
         """The tenant's rows (bound parameter @tenant_ids, see tenant_param) as of `as_of`, numbered 0..N-1 by the
         model's full order key: the only query that reads the source table."""
-        cols = ", ".join(f"`{c}`" for c in model.column_names)
-        order = ", ".join(f"`{c}`" for c in model.order_key)
+        cols = _read_columns(model, model.column_names)
+        order = ", ".join(f"`{model.source_name(c)}`" for c in model.order_key)
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
         return (
             f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` "  # noqa: S608
             f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
-            f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
+            f"WHERE `{model.source_name(model.tenant_column)}` IN UNNEST(@tenant_ids)"
         )
 
     def count_tenant_rows(self, model: Model, source: TableRef, tenant_id: str, as_of: datetime) -> int:
@@ -349,7 +334,7 @@ class BigQuerySource:
         query = (
             f"SELECT COUNT(*) AS n FROM {source.sql} "  # noqa: S608 (identifiers validated, the tenant bound)
             f"FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
-            f"WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"
+            f"WHERE `{model.source_name(model.tenant_column)}` IN UNNEST(@tenant_ids)"
         )
         step = (f"count the tenant's rows in {source}", f"bigquery.jobs.create, bigquery.tables.getData on {source}")
         return int(self._scalar(query, tenant_param(tenant_id), step))
@@ -362,8 +347,9 @@ class BigQuerySource:
         config = tenant_param(tenant_id)
         config.dry_run = True
         config.use_query_cache = False
-        cols = ", ".join(f"`{c}`" for c in model.column_names)
-        read = f"SELECT {cols} FROM {source.sql} WHERE `{model.tenant_column}` IN UNNEST(@tenant_ids)"  # noqa: S608
+        cols = _read_columns(model, model.column_names)
+        tenant = model.source_name(model.tenant_column)
+        read = f"SELECT {cols} FROM {source.sql} WHERE `{tenant}` IN UNNEST(@tenant_ids)"  # noqa: S608
         job = self._query(read, config)
         return int(job.total_bytes_processed or 0)
 
@@ -411,8 +397,10 @@ class BigQuerySource:
         if not _UUID.match(tenant_id):
             raise ValueError(f"tenant_id {tenant_id!r} is not a uuid")  # goes into the restriction's text
         forms = ", ".join(f'"{t}"' for t in dict.fromkeys([tenant_id.lower(), tenant_id.upper()]))
-        _, batches = self._read(source, f"`{model.tenant_column}` IN ({forms})", list(model.conflict_key[1:]))
-        return batches
+        key = list(model.conflict_key[1:])
+        restriction = f"`{model.source_name(model.tenant_column)}` IN ({forms})"
+        _, batches = self._read(source, restriction, [model.source_name(c) for c in key])
+        return (batch.rename_columns(key) for batch in batches)
 
     def _read(
         self, table: TableRef, restriction: str, columns: list[str]

@@ -2,8 +2,8 @@
 
 Checked by cleanup, each naming the table, the role and the fix:
 - the server's major version (the ledger needs pg_current_snapshot, xid8 and a built-in gen_random_uuid);
-- each model column's type against the target column's actual type (format_type), since COPY would otherwise
-  round or truncate silently;
+- each model column's type against the target column's actual type (format_type): the run's columns were
+  resolved from the catalog at cleanup, and a column altered since would make COPY round or truncate silently;
 - row-level security active for the run's role on the target or a ledger table (COPY FROM refuses such a table,
   and a policy that hides rows would make the key, version and deletion checks wrong);
 - rules on those tables (COPY ignores rules, INSERT ... ON CONFLICT refuses a table with INSERT or UPDATE rules).
@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from bq_backfill import sink
-from bq_backfill.models import Model
+from bq_backfill.models import Model, TargetColumn
 from bq_backfill.sqlfiles import sql_text
 
 OLDEST_SERVER = 13  # pg_current_snapshot() and xid8 (13), gen_random_uuid() without pgcrypto (13)
@@ -47,12 +47,11 @@ def check_target(conn: psycopg.Connection, model: Model, ledger_tables: tuple[st
     check_server_version(conn.info.server_version)
     mismatched = column_type_mismatches(conn, model)
     if mismatched:
-        shown = "; ".join(f"{c}: the model has {want}, the table {have}" for c, want, have in mismatched)
+        shown = "; ".join(f"{c}: the run has {want}, the table now {have}" for c, want, have in mismatched)
         raise TargetRefusedError(
-            f"table {model.target_table} has columns of other types than model {model.model_type!r}: {shown}. "
-            "Values would be rounded or refused as they land: alter the columns to the model's types (the DDL "
-            "is in include/sql/schema.sql, applied by the DAG bigquery_backfill_setup to a new table), then "
-            "trigger again"
+            f"table {model.target_table} has columns of other types than this run of model {model.model_type!r} "
+            f"resolved at its start: {shown}. Values would be rounded or refused as they land: the table was "
+            "altered during the run; trigger a new run (it reads the types again)"
         )
     for table, role, rls, rules in conn.execute(
         sql_text("target_guards.sql"), {"tables": [model.target_table, *ledger_tables]}
@@ -70,6 +69,11 @@ def check_target(conn: psycopg.Connection, model: Model, ledger_tables: tuple[st
                 "COPY ignores rules and INSERT ... ON CONFLICT refuses a table with INSERT or UPDATE rules. Drop "
                 f"them (DROP RULE name ON {table}) or turn them into triggers, then trigger again"
             )
+
+
+def target_columns(conn: psycopg.Connection, table: str) -> list[TargetColumn]:
+    """The target table's columns as the catalog has them (empty: no such table)."""
+    return [TargetColumn(*row) for row in conn.execute(sql_text("target_columns.sql"), {"target_table": table})]
 
 
 def column_type_mismatches(conn: psycopg.Connection, model: Model) -> list[tuple[str, str, str]]:

@@ -27,7 +27,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "FLOAT64": ("double precision",),
     "NUMERIC": ("numeric",),
     "BIGNUMERIC": ("numeric",),
-    "STRING": ("text", "uuid"),
+    "STRING": ("text", "character varying", "uuid"),
     "BYTES": ("bytea",),
     "DATE": ("date",),
     "DATETIME": ("timestamp without time zone",),
@@ -45,6 +45,22 @@ UNSUPPORTED = {
     "INTERVAL": "store it as STRING (CAST AS STRING) in the source table, into text",
     "RANGE": "store RANGE_START and RANGE_END as columns of their own",
     "JSON ARRAY": "store it as one JSON value (TO_JSON) in the source table, into jsonb",
+}
+# the column type the setup DAG gives a target table it creates (the first pair of each, with BigQuery's own
+# precision and scale for NUMERIC); an ARRAY gets its element's type with [], the tenant column uuid
+CREATED = {
+    "BOOL": "boolean",
+    "INT64": "bigint",
+    "FLOAT64": "double precision",
+    "NUMERIC": "numeric(38,9)",
+    "BIGNUMERIC": "numeric",
+    "STRING": "text",
+    "BYTES": "bytea",
+    "DATE": "date",
+    "DATETIME": "timestamp without time zone",
+    "TIME": "time without time zone",
+    "TIMESTAMP": "timestamp with time zone",
+    "JSON": "jsonb",
 }
 # the spellings a model may use for a type, as format_type spells it
 _POSTGRES_NAMES = {
@@ -78,6 +94,22 @@ def allowed(bq_type: str) -> tuple[str, ...]:
     if element != bq_type:
         return tuple(f"{pg}[]" for pg in SUPPORTED.get(element, ())) if element in ARRAY_ELEMENTS else ()
     return SUPPORTED.get(bq_type, ())
+
+
+def created_type(bq_type: str) -> str | None:
+    """The type setup gives a new target column of this BigQuery type (None: not landed)."""
+    element = bq_type.removeprefix("ARRAY<").removesuffix(">")
+    if element != bq_type:
+        return f"{CREATED[element]}[]" if element in ARRAY_ELEMENTS else None
+    return CREATED.get(bq_type)
+
+
+def source_type(pg_format_type: str) -> str:
+    """The BigQuery type a column of this Postgres type is read from (the first in the table; lineage's schema)."""
+    base = postgres_base(pg_format_type)
+    element = base.removesuffix("[]")
+    name = next((bq for bq, pg in CREATED.items() if postgres_base(pg) == element), "STRING")
+    return f"ARRAY<{name}>" if element != base else name
 
 
 def mismatch(column: str, bq_type: str, pg_format_type: str) -> str | None:

@@ -1,10 +1,11 @@
 """Checks a chunk's rows against the target's types before they reach Postgres.
 
-A row that cannot land (a NULL key column, a number too large for its numeric(p,s) column, a NUL character
-Postgres text cannot hold) is taken out of the chunk with the reason, for the quarantine table, instead of
-failing the whole chunk. A number with more decimals than its column's scale, which Postgres would round without
-a word, is rejected the same way, or rounded here (as Postgres rounds: half away from zero) and counted, as the
-run's `numeric_rounding` says. Everything here is columnar (pyarrow compute): no Python row objects for good rows.
+A row that cannot land (a NULL key column, a number too large for its numeric(p,s) column, a text longer than
+its varchar(n), a NUL character Postgres text cannot hold) is taken out of the chunk with the reason, for the
+quarantine table, instead of failing the whole chunk. A number with more decimals than its column's scale, which
+Postgres would round without a word, is rejected the same way, or rounded here (as Postgres rounds: half away from
+zero) and counted, as the run's `numeric_rounding` says. Everything here is columnar (pyarrow compute): no Python
+row objects for good rows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 from bq_backfill.models import Model
 
 _NUMERIC = re.compile(r"^numeric\((\d+),\s*(\d+)\)$")
+_VARCHAR = re.compile(r"^character varying\((\d+)\)$")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ def split_invalid(model: Model, rows: pa.Table, offset_column: str, numeric_roun
                     problems.append((changed, f"{column.name} has more than {scale} decimal places"))
         elif _is_text(values.type):
             problems.append((pc.match_substring(values, "\x00"), f"{column.name} contains a NUL character"))
+            if limit := _VARCHAR.match(column.pg_type):  # Postgres would refuse the whole chunk
+                longer = pc.greater(pc.utf8_length(values), int(limit.group(1)))
+                problems.append((longer, f"{column.name} longer than {limit.group(1)} characters"))
         elif pa.types.is_list(values.type) and _is_text(values.type.value_type):
             lists = values.combine_chunks()
             nul = pc.fill_null(pc.match_substring(pc.list_flatten(lists), "\x00"), False)

@@ -19,6 +19,7 @@ import pyarrow as pa
 from bq_backfill import chunk_proofs, ledger, process_memory, range_proofs, sink, slicing, target_checks, target_rows
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import PermanentChunkError, SourceReadError
+from bq_backfill.models import Model
 from bq_backfill.settings import Settings
 from bq_backfill.source import BigQuerySource
 from bq_backfill.validate import Rejected, split_invalid
@@ -51,7 +52,7 @@ READERS = 3
 
 
 def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
-    model = s.model
+    model = Model.from_record(s.declaration, chunk["columns"])  # as cleanup resolved it; checked by write_guards
     job_id, index, start, end = chunk["job_id"], chunk["chunk_index"], chunk["start"], chunk["end"]
     label = f"chunk #{index} of {chunk['chunks']} [{start}, {end})"
 
@@ -69,7 +70,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
             # Reading starts before Postgres is reached (plan passes the snapshot's name): the read session's
             # round trips overlap the connection, the chunk's lock and the checks below.
             planned = chunk.get("snapshot")
-            reader = SliceReader(bq, s, planned, label, start, end, step) if planned else None
+            reader = SliceReader(bq, s, model, planned, label, start, end, step) if planned else None
             if reader:
                 stack.enter_context(reader)
             conn = stack.enter_context(postgres(s.postgres_conn_id))
@@ -83,6 +84,11 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 log.info("%s already done: skipped, nothing written (the read started ahead is stopped)", label)
                 return {"read": 0, "skipped": 1}
             job = ledger.find_job_by_id(conn, job_id)
+            if ledger.run_model(s.declaration, job) != model:
+                raise PermanentChunkError(
+                    f"{label}: the job's model columns changed since plan_chunks listed this chunk: clear the run "
+                    "from plan_chunks"
+                )
             # older data never over newer
             ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
             triggers = target_checks.write_guards(conn, model, ledger.LEDGER_TABLES)
@@ -95,7 +101,7 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 )
             assert job.snapshot_table is not None
             if reader is None or reader.snapshot != job.snapshot_table:  # the job's snapshot is the one to read
-                reader = stack.enter_context(SliceReader(bq, s, job.snapshot_table, label, start, end, step))
+                reader = stack.enter_context(SliceReader(bq, s, model, job.snapshot_table, label, start, end, step))
             pieces = iter(reader)
             key_proof = chunk_proofs.ChunkKeys()  # lets finalize check this chunk's keys without reading them
             while True:
@@ -164,9 +170,9 @@ class SliceReader:
     READERS slices wait for the writer, so a slow Postgres holds the reader back instead of filling memory."""
 
     def __init__(
-        self, bq: BigQuerySource, s: Settings, snapshot: str, label: str, start: int, end: int, step: int
+        self, bq: BigQuerySource, s: Settings, model: Model, snapshot: str, label: str, start: int, end: int, step: int
     ) -> None:
-        self.snapshot, self._label, self._s = snapshot, label, s
+        self.snapshot, self._label, self._s, self._model = snapshot, label, s, model
         self._range = (start, end, step)
         self._bq = bq
         self._done = object()
@@ -186,12 +192,12 @@ class SliceReader:
     def _read(self) -> None:
         start, end, step = self._range
         try:
-            columns = [*self._s.model.column_names, sink.OFFSET_COLUMN]
+            columns = [*self._model.column_names, sink.OFFSET_COLUMN]
             batches = self._bq.read_chunk(self._bq.table(self.snapshot), start, end, columns, read_streams())
             for rows in slicing.complete_slices(batches, start, end, step, sink.OFFSET_COLUMN):
                 if self._stop.is_set():
                     return
-                self._put(self._pool.submit(_prepare, self._s, rows))
+                self._put(self._pool.submit(_prepare, self._s, self._model, rows))
             self._put(self._done)
         except Exception as exc:  # raised in the writer's thread, with this one as its cause
             self._put(exc)
@@ -217,9 +223,8 @@ class SliceReader:
         self.close()
 
 
-def _prepare(s: Settings, rows: slicing.RowSlice) -> Slice:
+def _prepare(s: Settings, model: Model, rows: slicing.RowSlice) -> Slice:
     """One slice of a chunk, validated, with its key range and digest: done by a reader thread."""
-    model = s.model
     checked = split_invalid(model, rows.rows, sink.OFFSET_COLUMN, s.numeric_rounding)
     good = checked.good
     read = rows.rows.num_rows

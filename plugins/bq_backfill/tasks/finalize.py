@@ -13,6 +13,7 @@ from bq_backfill import assets, chunk_proofs, deletions, ledger, range_proofs, s
 from bq_backfill.connections import bigquery, postgres
 from bq_backfill.errors import ReconciliationError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
+from bq_backfill.models import Model
 from bq_backfill.settings import Settings
 from bq_backfill.source import BigQuerySource, TableRef
 
@@ -36,7 +37,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
     if s.dry_run:
         log.info("dry run: nothing was written, nothing to finalize")
         return {}
-    model = s.model
+    declaration = s.declaration
     with postgres(s.postgres_conn_id) as conn:
         job = ledger.find_run_job(conn, run)
         if job is None:
@@ -53,6 +54,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
             message = "plan_chunks did not record a snapshot (it failed or did not run)"
             ledger.fail_job(conn, run, message)
             raise ReconciliationError(f"job {job.id}: {message}")
+        model = ledger.run_model(declaration, job)
         if unfinished:
             # Runs whatever happened upstream (trigger rule all_done): a chunk task killed before its own
             # failure callback ran must not leave the job `running`.
@@ -147,7 +149,8 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         )
     with postgres(s.postgres_conn_id) as conn:
         # Deletions in the source: counted always, deleted on request, in the transaction that completes the job.
-        gone, deleted = _missing_from_source(s, conn, bq, job, snapshot, totals["rejected"], snapshot_keys, exact)
+        rejected = totals["rejected"]
+        gone, deleted = _missing_from_source(s, model, conn, bq, job, snapshot, rejected, snapshot_keys, exact)
         ledger.complete_job(conn, job.id, gone, deleted)
         # the ranges as this run left them; earlier runs' proofs describe states since replaced
         dropped = range_proofs.keep_only(conn, s.tenant_id, s.model_type, job.id)
@@ -183,6 +186,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         "job_id": job.id,
         "model_type": s.model_type,
         "source_table": job.source_table,
+        "columns": model.as_record(),
         "asset_uri": asset_uri,
     }
 
@@ -224,6 +228,7 @@ def _distinct_keys(ranges: list[Range]) -> int | None:
 
 def _missing_from_source(
     s: Settings,
+    model: Model,
     conn: psycopg.Connection,
     bq: BigQuerySource,
     job: ledger.Job,
@@ -238,7 +243,6 @@ def _missing_from_source(
     rows to be exactly the chunks' rows, so none is missing from the source. Otherwise, when nothing was quarantined
     and the tenant has exactly as many target rows as the snapshot has distinct keys, none is either: one count.
     Otherwise the snapshot's keys are loaded into a temp table and Postgres counts (and deletes) exactly."""
-    model = s.model
     assert job.total_records is not None
     if job.target_snapshot is None:  # planned before this was recorded
         log.warning("job %s: no plan-time Postgres snapshot recorded; rows missing from the source not counted", job.id)

@@ -15,19 +15,22 @@ from bq_backfill import deletions, ledger
 from bq_backfill.connections import bigquery, postgres, source_table
 from bq_backfill.errors import BytesCapError, EmptySourceError
 from bq_backfill.ledger import RunKey
+from bq_backfill.models import Model
 from bq_backfill.settings import Settings
 from bq_backfill.source import MAX_SNAPSHOT_PARTITIONS, BigQuerySource, TableRef, job_labels, snapshot_name
+from bq_backfill.tasks.cleanup import resolve_model
 
 log = logging.getLogger(__name__)
 
 
 def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str, Any]]:
-    model = s.model
     bq = bigquery(s.gcp_conn_id)
     bq.labels = job_labels(run.dag_id, s.model_type, s.tenant_id, run.run_id)
     bq.maximum_bytes_billed = s.maximum_bytes_billed
     source = source_table(s, bq)
     if s.dry_run:
+        with postgres(s.postgres_conn_id) as conn:  # a dry run's cleanup recorded nothing
+            model = resolve_model(s, bq, source, conn).model
         bq.locate(source, s.scratch_dataset, create=False)
         estimate = bq.estimate_snapshot_bytes(model, source, s.tenant_id)
         log.info("dry run: %s", _bytes_line(estimate, s.maximum_bytes_billed))
@@ -76,15 +79,16 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
             )
         # also when plan alone is cleared
         ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
+    model = ledger.run_model(s.declaration, job)
     if job.snapshot_table is None:
-        job = _take_snapshot(s, run, bq, source, job, max_map_length)
+        job = _take_snapshot(s, run, bq, source, job, model, max_map_length)
     else:  # a retried or cleared plan keeps the first plan's snapshot, chunking and offsets
         assert job.snapshot_at is not None and job.chunk_size is not None
         if job.chunk_size != s.chunk_size:
             log.info("run already planned with chunk_size %d: keeping it", job.chunk_size)
         snapshot = bq.table(job.snapshot_table)
         bq.locate(source, snapshot.dataset)
-        total = bq.keep_snapshot(s.model, source, s.tenant_id, snapshot, job.snapshot_at, job.chunk_size)
+        total = bq.keep_snapshot(model, source, s.tenant_id, snapshot, job.snapshot_at, job.chunk_size)
         if total != job.total_records:
             raise RuntimeError(f"snapshot {snapshot} now has {total} rows but job {job.id} planned {job.total_records}")
     assert job.total_records is not None and job.chunk_size is not None
@@ -101,15 +105,23 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
         len(todo),
         chunks - len(todo),
     )
-    # the snapshot's name lets a chunk start reading before it reaches Postgres (it still checks it against the job)
-    return [{"job_id": job.id, "chunks": chunks, "snapshot": job.snapshot_table, **c} for c in todo]
+    # The snapshot's name and the model's columns let a chunk start reading before it reaches Postgres (it still
+    # checks the snapshot against the job, and the columns against the target).
+    columns = model.as_record()
+    return [{"job_id": job.id, "chunks": chunks, "snapshot": job.snapshot_table, "columns": columns, **c} for c in todo]
 
 
 def _take_snapshot(
-    s: Settings, run: RunKey, bq: BigQuerySource, source: TableRef, job: ledger.Job, max_map_length: int
+    s: Settings,
+    run: RunKey,
+    bq: BigQuerySource,
+    source: TableRef,
+    job: ledger.Job,
+    model: Model,
+    max_map_length: int,
 ) -> ledger.Job:
     """A new snapshot as of now, recorded on the job; dropped again if the plan cannot go on with it."""
-    snapshot = TableRef(bq.project, s.scratch_dataset, snapshot_name(s.model, s.tenant_id, run.dag_id, run.run_id))
+    snapshot = TableRef(bq.project, s.scratch_dataset, snapshot_name(model, s.tenant_id, run.dag_id, run.run_id))
     location = bq.locate(source, s.scratch_dataset)  # before any query: a mismatch fails here
     log.info(
         "source %s and scratch dataset %s are in %s: every query job runs there", source, s.scratch_dataset, location
@@ -121,19 +133,19 @@ def _take_snapshot(
     # before the snapshot query is sent: nothing is billed for a refused run. Without one it is only reported, so it
     # is asked for while the snapshot is made (a dry run takes a round trip; the emulator even runs the query).
     with ThreadPoolExecutor(1, thread_name_prefix="dry-run") as pool:
-        estimating = pool.submit(bq.estimate_snapshot_bytes, s.model, source, s.tenant_id)
+        estimating = pool.submit(bq.estimate_snapshot_bytes, model, source, s.tenant_id)
         if s.maximum_bytes_billed is not None:
             estimate = estimating.result()
             log.info("%s", _bytes_line(estimate, s.maximum_bytes_billed))
             _check_bytes(estimate, s.maximum_bytes_billed, source)
         # The plan's size decides whether it can run at all: known from a count billed on the tenant column alone,
         # before the snapshot query bills every column.
-        expected = bq.count_tenant_rows(s.model, source, s.tenant_id, as_of)
+        expected = bq.count_tenant_rows(model, source, s.tenant_id, as_of)
         _check_source_rows(expected, s, source, as_of)
         _check_chunk_count(expected, s.chunk_size, max_map_length)
         started = time.monotonic()
         # Replaces a table of that name left by an earlier attempt: its as-of time was never recorded, so unused.
-        total = bq.new_snapshot(s.model, source, s.tenant_id, snapshot, as_of, s.chunk_size)
+        total = bq.new_snapshot(model, source, s.tenant_id, snapshot, as_of, s.chunk_size)
         if s.maximum_bytes_billed is None:
             try:
                 estimate = estimating.result()

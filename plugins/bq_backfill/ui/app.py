@@ -41,13 +41,21 @@ def deployment_problems() -> list[str]:
     from airflow.models.pool import Pool
     from airflow.utils.session import create_session
 
+    from bq_backfill.model_file import ModelFileError, declared_models
+
+    problems = []
     with create_session() as session:
         if Pool.get_pool(POOL, session=session) is None:
-            return [
+            problems.append(
                 f"the pool {POOL!r} does not exist: the scheduler starts no load_chunk task (its log says "
                 f'"Tasks using non-existent pool"). Create it: {CREATE_POOL}, or Admin → Pools'
-            ]
-    return []
+            )
+    try:
+        declared = declared_models()
+    except ModelFileError as exc:
+        return [*problems, str(exc)]
+    problems += [f"models file {declared.path}: {p}: fix it, then trigger" for p in declared.problems.values()]
+    return problems
 
 
 def create_app() -> FastAPI:
