@@ -67,7 +67,8 @@ EDGES = [
      "days": [date(1, 1, 1), date(9999, 12, 31), None], "ratio": math.nan, "flag": True, "day": date(1969, 12, 31),
      "at": datetime(1900, 1, 1, 0, 0, 0, 1, tzinfo=UTC), "local_at": datetime(2200, 2, 28, 23, 59, 59, 999999),
      "clock": time(23, 59, 59, 999999), "label": "ünïcode €€€€"},
-    {"raw": b"", "label": "", "amount": BIG.copy_negate(), "tags": [], "counts": [], "ratios": [], "days": [], "ratio": -math.inf,
+    {"raw": b"", "label": "",
+     "amount": BIG.copy_negate(), "tags": [], "counts": [], "ratios": [], "days": [], "ratio": -math.inf,
      "flag": False, "day": date(2100, 3, 1), "at": datetime(2262, 4, 11, 23, 47, 16, 854775, tzinfo=UTC),
      "local_at": datetime(1, 1, 1), "clock": time(0, 0)},
     {"raw": None, "amount": Decimal("0.000000001"), "tags": None, "counts": None, "ratios": None, "days": None,
@@ -311,3 +312,181 @@ def test_a_column_the_model_needs_gone_from_bigquery_refuses_the_run_before_anyt
     assert dr.state == "failed"
     assert "model 'types_test': source columns ['clocks'] are not in the source table analytics.typed" in caplog.text
     assert jobs(pg, model_type="types_test") == [] and pg.execute("SELECT count(*) FROM typed").fetchone()[0] == 0
+
+
+# STRUCT and ARRAY<STRUCT> through the emulator, into jsonb by the snapshot query's TO_JSON_STRING. (The emulator
+# writes a float NaN inside a struct as bare NaN, which is not JSON; BigQuery writes "NaN": no NaN here.)
+NESTED_FIELDS = [
+    bigquery.SchemaField("tenant_id", "STRING"),
+    bigquery.SchemaField("k", "INT64"),
+    bigquery.SchemaField("s", "RECORD", fields=[
+        bigquery.SchemaField("a", "INT64"), bigquery.SchemaField("b", "STRING"),
+        bigquery.SchemaField("c", "DATE", mode="REPEATED"), bigquery.SchemaField("n", "NUMERIC"),
+        bigquery.SchemaField("deep", "RECORD", fields=[bigquery.SchemaField("x", "BOOL")]),
+    ]),
+    bigquery.SchemaField("xs", "RECORD", mode="REPEATED", fields=[bigquery.SchemaField("x", "INT64")]),
+]  # fmt: skip
+NESTED_ARROW = pa.schema([
+    ("tenant_id", pa.string()), ("k", pa.int64()),
+    ("s", pa.struct([("a", pa.int64()), ("b", pa.string()), ("c", pa.list_(pa.date32())),
+                     ("n", pa.decimal128(38, 9)), ("deep", pa.struct([("x", pa.bool_())]))])),
+    ("xs", pa.list_(pa.struct([("x", pa.int64())]))),
+])  # fmt: skip
+
+
+def _nested_rows(n: int) -> list[dict]:
+    edge = [
+        {"s": {"a": -(2**63), "b": 'q"{,}\\ ü', "c": [date(1, 1, 1), date(9999, 12, 31)], "n": BIG,
+               "deep": {"x": True}}, "xs": [{"x": 1}, {"x": None}]},
+        {"s": None, "xs": []},
+        {"s": {"a": None, "b": None, "c": [], "n": None, "deep": None}, "xs": [{"x": 2}]},
+    ]  # fmt: skip
+    return [
+        {"tenant_id": SEED_TENANT, "k": k, **(edge[k] if k < len(edge) else {"s": {"a": k, "b": f"b{k}", "c": [],
+         "n": Decimal(k) / 8, "deep": {"x": k % 2 == 0}}, "xs": [{"x": k}]})}
+        for k in range(n)
+    ]  # fmt: skip
+
+
+def _load_nested(bq, rows: list[dict]) -> None:
+    table = f"{PROJECT}.analytics.nested"
+    bq.delete_table(table, not_found_ok=True)
+    bq.create_table(bigquery.Table(table, schema=NESTED_FIELDS))
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=NESTED_ARROW), buf)
+    buf.seek(0)
+    bq.load_table_from_file(buf, table, job_config=bigquery.LoadJobConfig(source_format="PARQUET")).result()
+
+
+def _as_json(value):
+    """A source value as TO_JSON_STRING writes it and jsonb holds it: dates as strings, numbers as numbers."""
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_json(v) for v in value]
+    return value.isoformat() if isinstance(value, date) else value
+
+
+def test_structs_land_as_jsonb_on_every_path(pg, bq, declare_models, monkeypatch):
+    monkeypatch.setenv("BACKFILL_SLICE_ROWS", "7")
+    dag = declare_models({"nested_test": {"source_table": "analytics.nested", "target_table": "nested",
+                                          "conflict_key": ["tenant_id", "k"], "order_key": ["k"]}})  # fmt: skip
+    pg.execute(
+        "CREATE TABLE nested (tenant_id uuid NOT NULL, k bigint NOT NULL, s jsonb, xs jsonb, UNIQUE (tenant_id, k))"
+    )
+    rows = _nested_rows(30)
+    _load_nested(bq, rows)
+
+    def landed():  # jsonb as text, its numbers as Decimals: every digit Postgres holds
+        rows = pg.execute("SELECT k, s::text, xs::text, xmin::text FROM nested ORDER BY k").fetchall()
+        return [(k, s and json.loads(s, parse_float=Decimal), json.loads(xs, parse_float=Decimal), v)
+                for k, s, xs, v in rows]  # fmt: skip
+
+    def paths():
+        [job] = [j for j in jobs(pg, model_type="nested_test") if j["status"] == "completed"][-1:]
+        return {p for c in chunks(pg, job["id"]) for p in (c["write_path"] or "").split("+")}
+
+    def run():
+        dr = dag.test(run_conf={"tenant_id": SEED_TENANT, "model_type": "nested_test", "chunk_size": 100})
+        assert dr.state == "success"
+
+    run()
+    first = landed()
+    expected = [(r["k"], None if r["s"] is None else _as_json(r["s"]), _as_json(r["xs"])) for r in rows]
+    # NUMERIC's extreme keeps all its digits
+    assert [(k, s, xs) for k, s, xs, _ in first] == expected
+    assert paths() == {"copy"}
+    run()
+    assert landed() == first and paths() == {"proven"}
+    pg.execute("DELETE FROM backfill_range_proofs")
+    run()
+    assert landed() == first and paths() == {"unchanged"}  # compared as jsonb: key order and spacing do not count
+    rows[4]["s"]["deep"] = {"x": None}
+    _load_nested(bq, rows)
+    run()
+    after = landed()
+    assert [r[0] for r, f in zip(after, first, strict=True) if r[3] != f[3]] == [4]
+    assert after[4][1]["deep"] == {"x": None}
+
+
+def test_geography_interval_and_range_land_from_the_text_the_snapshot_query_makes(pg):
+    """GEOGRAPHY, INTERVAL and RANGE as the snapshot query turns them into text (BigQuery's ST_ASTEXT, ST_ASGEOJSON,
+    its canonical INTERVAL string, a composed range literal), which the emulator cannot produce as BigQuery does:
+    the query it sends, then the text landing on each write path, equal as Postgres compares the types."""
+    from bq_backfill import sink
+    from bq_backfill.models import Column
+    from bq_backfill.source import BigQuerySource, TableRef
+
+    columns = (Column("tenant_id", "uuid", source_type="STRING"), Column("k", "bigint", source_type="INT64"),
+               Column("wkt", "text", "geo", "GEOGRAPHY"), Column("geojson", "jsonb", "geo", "GEOGRAPHY"),
+               Column("span", "interval", source_type="INTERVAL"),
+               Column("days", "daterange", source_type="RANGE<DATE>"),
+               Column("locals", "tsrange", source_type="RANGE<DATETIME>"),
+               Column("stamps", "tstzrange", source_type="RANGE<TIMESTAMP>"),
+               Column("xs", "jsonb", source_type="ARRAY<STRUCT>"))  # fmt: skip
+    declaration = models_declaration("exotic_test", "exotic")
+    model = declaration.resolved(columns)
+    sent = BigQuerySource.snapshot_select(model, TableRef("p", "d", "t"), datetime(2026, 1, 1, tzinfo=UTC))
+    for expression in ("ST_ASTEXT(`geo`) AS `wkt`", "ST_ASGEOJSON(`geo`) AS `geojson`",
+                       "CAST(`span` AS STRING) AS `span`", "IF(`xs` IS NULL, NULL, TO_JSON_STRING(`xs`)) AS `xs`",
+                       "IF(`days` IS NULL, NULL, CONCAT('[', IFNULL(CAST(RANGE_START(`days`) AS STRING), ''), ',', "
+                       "IFNULL(CAST(RANGE_END(`days`) AS STRING), ''), ')')) AS `days`"):  # fmt: skip
+        assert expression in sent
+    pg.execute(
+        "CREATE TABLE exotic (tenant_id uuid NOT NULL, k bigint NOT NULL, wkt text, geojson jsonb, span interval, "
+        "days daterange, locals tsrange, stamps tstzrange, xs jsonb, UNIQUE (tenant_id, k))"
+    )
+    values = {
+        "wkt": ["POINT(1.5 2)", "POLYGON((0 0, 1 0, 1 1, 0 0))", None, "LINESTRING(-180 -90, 180 90)"],
+        "geojson": ['{ "type": "Point", "coordinates": [1.5, 2] }', None, '{"type":"Point","coordinates":[0,0]}',
+                    None],
+        "span": ["1-2 3 4:5:6.789", "-1-2 -3 -4:5:6.789", "10000-0 3660000 87840000:0:0", None],
+        "days": ["[2020-01-01,2020-02-01)", "[,2020-02-01)", "[2020-01-01,)", "[,)"],
+        "locals": ["[0001-01-01 00:00:00,9999-12-31 23:59:59.999999)", None, "[2020-01-01 10:00:00,)", "[,)"],
+        "stamps": ["[2020-01-01 00:00:00.5+00,)", "[,2020-01-01 00:00:00+00)", None, "[,)"],
+        "xs": ['[{"x":1},{"x":null}]', "[]", '[{"x":2}]', "[]"],
+    }  # fmt: skip
+    rows = pa.table({"tenant_id": [SEED_TENANT] * 4, "k": [0, 1, 2, 3], **values,
+                     sink.OFFSET_COLUMN: [0, 1, 2, 3]})  # fmt: skip
+
+    def land(table):
+        with pg.transaction():
+            return sink.land_rows(pg, model, SEED_TENANT, table)
+
+    def versions():
+        return [r[0] for r in pg.execute("SELECT xmin::text FROM exotic ORDER BY k").fetchall()]
+
+    assert land(rows).path == "copy"
+    for name, texts in values.items():
+        pg_type = next(c.pg_type for c in columns if c.name == name)
+        same = pg.execute(
+            f"SELECT bool_and(e.v::{pg_type} IS NOT DISTINCT FROM x.{name}) FROM exotic x "  # noqa: S608
+            "JOIN unnest(%s::text[]) WITH ORDINALITY AS e(v, n) ON e.n - 1 = x.k",
+            [texts],
+        ).fetchone()[0]
+        assert same, name
+    before = versions()
+    again = land(rows)  # nothing changed: Postgres compares interval and range values, and rewrites no row
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 4) and versions() == before
+    changed = rows.set_column(
+        rows.schema.get_field_index("span"),
+        "span",
+        pa.array(["1-2 3 4:5:6.789", "0-0 1 0:0:0", "10000-0 3660000 87840000:0:0", None]),
+    )
+    assert land(changed).updated == 1
+    assert [a == b for a, b in zip(before, versions(), strict=True)] == [True, False, True, True]
+    assert pg.execute("SELECT span::text FROM exotic WHERE k = 1").fetchone() == ("1 day",)
+
+
+def test_a_range_field_is_read_with_its_element_type():
+    from bq_backfill.source import BigQuerySource
+
+    field = bigquery.SchemaField("r", "RANGE", range_element_type="TIMESTAMP")
+    assert BigQuerySource.column_type(field) == "RANGE<TIMESTAMP>"
+    assert BigQuerySource.column_type(bigquery.SchemaField("xs", "RECORD", mode="REPEATED")) == "ARRAY<STRUCT>"
+
+
+def models_declaration(name: str, table: str):
+    from bq_backfill.models import Declaration
+
+    return Declaration(name, f"analytics.{table}", table, ("tenant_id", "k"), ("k",))

@@ -134,7 +134,7 @@ def test_two_declared_models_are_set_up_and_backfilled_through_the_file_alone(pg
     recorded = pg.execute(
         "SELECT model_columns, ignored_source_columns FROM bigquery_backfill_jobs WHERE model_type = 'orders'"
     ).fetchone()
-    assert recorded[0][3] == ["placed_at", "timestamp with time zone", "PlacedAt"]
+    assert recorded[0][3] == ["placed_at", "timestamp with time zone", "PlacedAt", "TIMESTAMP"]
     assert recorded[1] == ["internal_note"]
 
     before = {t: _versions(pg, t) for t in ("orders", "events")}

@@ -45,6 +45,7 @@ class Column:
     name: str  # the target column
     pg_type: str  # its type as format_type spells it (the staging column's type too)
     source: str = ""  # the source column it is read from: its own name unless renamed
+    source_type: str = ""  # its BigQuery type (type_map's names), as the source had it when the run started
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -163,12 +164,13 @@ class Model(Declaration):
         return next((c.source for c in self.columns if c.name == column), column)
 
     def as_record(self) -> list[list[str]]:
-        """The columns as [name, type, source] lists: how a run passes them from task to task (XCom, job row)."""
-        return [[c.name, c.pg_type, c.source] for c in self.columns]
+        """The columns as [name, type, source, source type] lists: how a run passes them from task to task (XCom,
+        the job row)."""
+        return [[c.name, c.pg_type, c.source, c.source_type] for c in self.columns]
 
     @classmethod
     def from_record(cls, declaration: Declaration, record: list[list[str]]) -> Model:
-        return declaration.resolved(tuple(Column(name, pg_type, source) for name, pg_type, source in record))
+        return declaration.resolved(tuple(Column(*column) for column in record))
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ def resolve(declaration: Declaration, target: list[TargetColumn], source: Mappin
             else:
                 lost.append(name if wanted_source == name else f"{wanted_source} (into {name})")
             continue
-        columns.append(Column(name, by_name[name].pg_type, spelled))
+        columns.append(Column(name, by_name[name].pg_type, spelled, source[spelled]))
     if lost:
         problems.append(
             f"source columns {lost} are not in the source table {d.source_table}: restore them in the source, or "
@@ -221,11 +223,13 @@ def resolve(declaration: Declaration, target: list[TargetColumn], source: Mappin
     unmatched = [s for s in d.renames if s.lower() not in source_names]
     if unmatched:
         problems.append(f"renames names source columns {unmatched} that are not in {d.source_table}")
-    refused = [
-        why for c in columns if (why := type_map.mismatch(c.name, source[c.source], c.pg_type))
-    ]  # fmt: skip
+    refused = [why for c in columns if (why := type_map.mismatch(c.name, c.source_type, c.pg_type))]
     if refused:
         problems.append("; ".join(refused) + ". Change the target column's type (or the source's)")
+    keys = set(d.conflict_key) | set(d.order_key)
+    unordered = [why for c in columns if c.name in keys and (why := type_map.key_refusal(c.name, c.source_type))]
+    if unordered:
+        problems.append("; ".join(unordered))
     if problems:
         raise ModelMismatchError(f"model {d.model_type!r}: " + "; ".join(problems))
     model = d.resolved(tuple(columns))

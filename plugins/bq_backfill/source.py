@@ -170,13 +170,6 @@ def snapshot_name(model: Model, tenant_id: str, dag_id: str, run_id: str) -> str
     return f"backfill_{model.model_type}_{tenant_id.replace('-', '')}_{digest}"
 
 
-def _read_columns(model: Model, columns) -> str:
-    """A SELECT list of the model's columns as read from the source: each source column, as its target name."""
-    return ", ".join(
-        f"`{model.source_name(c)}`" + ("" if model.source_name(c) == c else f" AS `{c}`") for c in columns
-    )  # fmt: skip
-
-
 def _as_of_literal(ts: datetime) -> str:
     # BigQuery (and its emulator) accept FOR SYSTEM_TIME AS OF with a literal; the value is our own datetime,
     # rendered from a fixed format, never text from conf.
@@ -233,7 +226,8 @@ class BigQuerySource:
     @staticmethod
     def column_type(field: bigquery.SchemaField) -> str:
         """A source column's type in standard SQL names, ARRAY<...> for a REPEATED one."""
-        return type_map.bigquery_type(field.field_type, field.mode)
+        element = getattr(field, "range_element_type", None)
+        return type_map.bigquery_type(field.field_type, field.mode, element.element_type if element else None)
 
     def locate(self, source: TableRef, scratch_dataset: str, *, create: bool = True) -> str:
         """Finds the source dataset's location and makes sure the scratch dataset is there too (created there if
@@ -319,7 +313,10 @@ class BigQuerySource:
     def snapshot_select(model: Model, source: TableRef, as_of: datetime) -> str:
         """The tenant's rows (bound parameter @tenant_ids, see tenant_param) as of `as_of`, numbered 0..N-1 by the
         model's full order key: the only query that reads the source table."""
-        cols = _read_columns(model, model.column_names)
+        cols = ", ".join(
+            f"{type_map.read_expression(c.source_type, c.pg_type, f'`{c.source}`')} AS `{c.name}`"
+            for c in model.columns
+        )
         order = ", ".join(f"`{model.source_name(c)}`" for c in model.order_key)
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
         return (
@@ -347,7 +344,7 @@ class BigQuerySource:
         config = tenant_param(tenant_id)
         config.dry_run = True
         config.use_query_cache = False
-        cols = _read_columns(model, model.column_names)
+        cols = ", ".join(f"`{c.source}`" for c in model.columns)
         tenant = model.source_name(model.tenant_column)
         read = f"SELECT {cols} FROM {source.sql} WHERE `{tenant}` IN UNNEST(@tenant_ids)"  # noqa: S608
         job = self._query(read, config)

@@ -5,6 +5,10 @@ starts, before anything is billed or written.
 Postgres types are named as `format_type` names them, without their modifiers (`numeric(38,9)` is `numeric`; a
 model's `timestamptz` is `timestamp with time zone`); an ARRAY column is its element's pair with `[]` on the
 Postgres side. Neither system's client is imported here.
+
+STRUCT, GEOGRAPHY, INTERVAL, RANGE and ARRAYs of STRUCT or JSON have no Arrow form Postgres reads: the snapshot
+query turns them into the text Postgres parses (`read_expression`: BigQuery's own TO_JSON_STRING, ST_ASTEXT,
+ST_ASGEOJSON, CAST AS STRING), so the snapshot, every read and every write see a STRING column.
 """
 
 from __future__ import annotations
@@ -34,18 +38,20 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "TIME": ("time without time zone",),
     "TIMESTAMP": ("timestamp with time zone",),
     "JSON": ("jsonb",),
+    "STRUCT": ("jsonb",),
+    "GEOGRAPHY": ("text", "jsonb"),
+    "INTERVAL": ("interval",),
+    "RANGE<DATE>": ("daterange",),
+    "RANGE<DATETIME>": ("tsrange",),
+    "RANGE<TIMESTAMP>": ("tstzrange",),
+    "ARRAY<STRUCT>": ("jsonb",),
+    "ARRAY<JSON>": ("jsonb",),
 }
 # element types an ARRAY may hold here (Postgres arrays of the element's types)
 ARRAY_ELEMENTS = ("BOOL", "INT64", "FLOAT64", "NUMERIC", "BIGNUMERIC", "STRING", "BYTES", "DATE", "DATETIME", "TIME",
                   "TIMESTAMP")  # fmt: skip
-# not landed by this version, and what a source table needs instead
-UNSUPPORTED = {
-    "STRUCT": "give each field a column of its own in the source table",
-    "GEOGRAPHY": "store it as STRING (ST_ASTEXT) in the source table, into text",
-    "INTERVAL": "store it as STRING (CAST AS STRING) in the source table, into text",
-    "RANGE": "store RANGE_START and RANGE_END as columns of their own",
-    "JSON ARRAY": "store it as one JSON value (TO_JSON) in the source table, into jsonb",
-}
+# types that cannot be part of a conflict or order key (BigQuery cannot order by them; their text is not their order)
+NOT_KEYS = ("STRUCT", "GEOGRAPHY", "INTERVAL", "RANGE", "ARRAY", "JSON")
 # the column type the setup DAG gives a target table it creates (the first pair of each, with BigQuery's own
 # precision and scale for NUMERIC); an ARRAY gets its element's type with [], the tenant column uuid
 CREATED = {
@@ -61,6 +67,14 @@ CREATED = {
     "TIME": "time without time zone",
     "TIMESTAMP": "timestamp with time zone",
     "JSON": "jsonb",
+    "STRUCT": "jsonb",
+    "GEOGRAPHY": "text",
+    "INTERVAL": "interval",
+    "RANGE<DATE>": "daterange",
+    "RANGE<DATETIME>": "tsrange",
+    "RANGE<TIMESTAMP>": "tstzrange",
+    "ARRAY<STRUCT>": "jsonb",
+    "ARRAY<JSON>": "jsonb",
 }
 # the spellings a model may use for a type, as format_type spells it
 _POSTGRES_NAMES = {
@@ -75,9 +89,11 @@ _POSTGRES_NAMES = {
 }
 
 
-def bigquery_type(field_type: str, mode: str | None) -> str:
-    """`INT64`, or `ARRAY<INT64>` for a REPEATED field, in standard SQL names."""
+def bigquery_type(field_type: str, mode: str | None, range_element: str | None = None) -> str:
+    """`INT64`, `ARRAY<INT64>` for a REPEATED field, `RANGE<DATE>`, in standard SQL names."""
     name = _BIGQUERY_NAMES.get(field_type.upper(), field_type.upper())
+    if name == "RANGE" and range_element:
+        name = f"RANGE<{_BIGQUERY_NAMES.get(range_element.upper(), range_element.upper())}>"
     return f"ARRAY<{name}>" if (mode or "").upper() == "REPEATED" else name
 
 
@@ -91,16 +107,36 @@ def postgres_base(pg_type: str) -> str:
 def allowed(bq_type: str) -> tuple[str, ...]:
     """The Postgres types (format_type names, no modifiers) a column of this BigQuery type may land in."""
     element = bq_type.removeprefix("ARRAY<").removesuffix(">")
-    if element != bq_type:
-        return tuple(f"{pg}[]" for pg in SUPPORTED.get(element, ())) if element in ARRAY_ELEMENTS else ()
+    if element != bq_type and element in ARRAY_ELEMENTS:
+        return tuple(f"{pg}[]" for pg in SUPPORTED.get(element, ()))
     return SUPPORTED.get(bq_type, ())
+
+
+def read_expression(bq_type: str, pg_format_type: str, column: str) -> str:
+    """The snapshot query's expression for a source column (`column`: its quoted name): the value itself, or, for
+    a type with no Arrow form Postgres reads, the text Postgres parses into `pg_format_type`."""
+    base = postgres_base(pg_format_type)
+    if bq_type in ("STRUCT", "ARRAY<STRUCT>", "ARRAY<JSON>"):
+        return f"IF({column} IS NULL, NULL, TO_JSON_STRING({column}))"  # an ARRAY is never NULL: [] stays []
+    if bq_type == "GEOGRAPHY":
+        return f"ST_ASGEOJSON({column})" if base == "jsonb" else f"ST_ASTEXT({column})"
+    if bq_type == "INTERVAL":
+        return f"CAST({column} AS STRING)"  # [sign]Y-M [sign]D [sign]H:M:S[.F], which Postgres reads as it is
+    if bq_type.startswith("RANGE<"):
+        # Postgres's range literal, an unbounded end left empty: [start,end)
+        bound = "IFNULL(CAST(RANGE_{}({}) AS STRING), '')"
+        return (
+            f"IF({column} IS NULL, NULL, CONCAT('[', {bound.format('START', column)}, ',', "
+            f"{bound.format('END', column)}, ')'))"
+        )
+    return column
 
 
 def created_type(bq_type: str) -> str | None:
     """The type setup gives a new target column of this BigQuery type (None: not landed)."""
     element = bq_type.removeprefix("ARRAY<").removesuffix(">")
-    if element != bq_type:
-        return f"{CREATED[element]}[]" if element in ARRAY_ELEMENTS else None
+    if element != bq_type and element in ARRAY_ELEMENTS:
+        return f"{CREATED[element]}[]"
     return CREATED.get(bq_type)
 
 
@@ -122,10 +158,14 @@ def mismatch(column: str, bq_type: str, pg_format_type: str) -> str | None:
             f"column {column!r}: BigQuery {bq_type} does not land in Postgres {pg_format_type}; "
             f"it lands in {' or '.join(accepted)}"
         )
-    element = bq_type.removeprefix("ARRAY<").removesuffix(">")
-    hint = UNSUPPORTED.get("JSON ARRAY" if bq_type == "ARRAY<JSON>" else element.split("<")[0])
     return (
-        f"column {column!r}: BigQuery {bq_type} is not a supported source type"
-        + (f"; {hint}" if hint else "")
-        + f". Supported: {', '.join(SUPPORTED)} and ARRAY of {', '.join(ARRAY_ELEMENTS)}"
+        f"column {column!r}: BigQuery {bq_type} is not a supported source type. Supported: {', '.join(SUPPORTED)} "
+        f"and ARRAY of {', '.join(ARRAY_ELEMENTS)}"
     )
+
+
+def key_refusal(column: str, bq_type: str) -> str | None:
+    """Why a column of this type cannot be in a conflict or order key; None if it can."""
+    if bq_type.split("<")[0] in NOT_KEYS:
+        return f"column {column!r} of BigQuery type {bq_type} cannot be in a conflict_key or order_key"
+    return None
