@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from airflow.sdk.definitions.param import ParamValidationError
@@ -91,11 +92,13 @@ def test_duplicate_and_null_keys_and_a_short_last_chunk(pg, bq, backfill_dag):
 
     assert dr.state == "success"
     [job] = jobs(pg)
-    assert job["status"] == "completed" and job["total_records"] == job["processed_records"] == 1_013
+    assert job["status"] == "completed" and job["total_records"] == job["processed_records"] == 1_012
     assert job["rejected_records"] == 2
+    duplicates = pg.execute("SELECT duplicate_source_rows FROM bigquery_backfill_jobs WHERE id = %s", [job["id"]])
+    assert duplicates.fetchone() == (1,)  # resolved by the snapshot query, counted on the job
     done = chunks(pg, job["id"])
-    assert [c["rows_read"] for c in done] == [250, 250, 250, 250, 13]
-    assert sum(c["rows_duplicate"] for c in done) == 1
+    assert [c["rows_read"] for c in done] == [250, 250, 250, 250, 12]
+    assert sum(c["rows_duplicate"] for c in done) == 0
     assert sum(c["rows_rejected"] for c in done) == 2
     reasons = pg.execute("SELECT reason FROM backfill_quarantine WHERE job_id = %s ORDER BY reason", (job["id"],))
     assert [r for (r,) in reasons] == [
@@ -175,3 +178,28 @@ def test_out_of_range_numbers_nul_characters_long_text_unicode_and_edge_dates(pg
     assert len(landed) == 397
     expected = {t[3]: t for t in as_tuples(rows[2:3] + rows[4:])}
     assert landed == expected  # every other value exactly as in BigQuery, edges and all
+
+
+def test_duplicate_keys_are_resolved_the_same_whatever_order_the_source_holds_them_in(pg, bq, backfill_dag):
+    """A key given three times, far apart (other chunks between them), in two load orders: the latest by the order
+    key wins; two rows tied on the whole order key resolve to the same one of them either way."""
+    rows = inventory_rows(SEED_TENANT, 900)
+    late = dict(rows[100], quantity=Decimal("7.25"), updated_at=rows[100]["updated_at"] + timedelta(hours=1))
+    early = dict(rows[100], quantity=Decimal("1.25"), updated_at=rows[100]["updated_at"] - timedelta(hours=1))
+    tie_a = dict(rows[700], quantity=Decimal("2.50"))
+    tie_b = dict(rows[700], quantity=Decimal("9.75"))  # same key, same updated_at: the whole order key ties
+    landed = []
+    for order in ([late, *rows[:700], tie_b, *rows[701:], early, tie_a], [tie_a, early, *rows[701:], *rows[:700],
+                                                                          tie_b, late]):  # fmt: skip
+        pg.execute("DELETE FROM inventory_movements")
+        create_source(bq, order)
+        assert backfill_dag.test(run_conf=conf(chunk_size=250)).state == "success"
+        job = jobs(pg)[-1]
+        assert (job["status"], job["processed_records"]) == ("completed", 900)
+        got = {r[3]: r for r in target_rows(pg, SEED_TENANT)}
+        assert len(got) == 900
+        assert (got[late["product_code"]][4], got[late["product_code"]][7]) == (late["quantity"], late["updated_at"])
+        landed.append(got[tie_a["product_code"]][4])
+    assert landed[0] == landed[1] and landed[0] in (tie_a["quantity"], tie_b["quantity"])
+    counted = pg.execute("SELECT duplicate_source_rows FROM bigquery_backfill_jobs ORDER BY created_at").fetchall()
+    assert counted[-2:] == [(3,), (3,)]

@@ -8,6 +8,7 @@ call), the proxy answers as BigQuery's documentation says BigQuery does: an esti
 from __future__ import annotations
 
 import json
+import time
 
 import grpc
 import pytest
@@ -189,11 +190,12 @@ def test_a_missing_permission_fails_at_once_naming_it(pg, bq, backfill_dag, prox
 
 def test_a_rate_limit_is_retried_with_backoff(pg, bq, backfill_dag, proxies):
     create_source(bq, inventory_rows(SEED_TENANT, 300))
-    refused = []
+    refused, sent_at = [], []
 
     def limit_twice(request: dict):
         body = request["json"] or {}
         if "CREATE OR REPLACE TABLE" in body.get("configuration", {}).get("query", {}).get("query", ""):
+            sent_at.append(time.monotonic())
             if len(refused) < 2:
                 refused.append(request)
                 return bigquery_error(403, "rateLimitExceeded", "Exceeded rate limits: too many table operations")
@@ -205,6 +207,9 @@ def test_a_rate_limit_is_retried_with_backoff(pg, bq, backfill_dag, proxies):
 
     assert dr.state == "success"
     assert len([j for j in p.rest.jobs() if "CREATE OR REPLACE TABLE" in _query(j)]) == 3
+    # waited before each retry (the client's jittered exponential backoff: up to 1 s, then 2 s), not a tight loop
+    # of a few milliseconds per attempt
+    assert sent_at[-1] - sent_at[0] > 0.05
     assert len(target_rows(pg, SEED_TENANT)) == 300
 
 

@@ -152,7 +152,7 @@ def test_two_declared_models_are_set_up_and_backfilled_through_the_file_alone(pg
         ({**EVENTS, "conflict_key": ["day", "seq"]}, "conflict_key", "must start with the tenant column"),
         ({**EVENTS, "target_table": "backfill_chunks"}, "target_table", "reserved for the backfill's own tables"),
         ({**EVENTS, "target_table": "Events"}, "target_table", "not a plain lower-case identifier"),
-        ({**EVENTS, "order_key": ["day", "seq", "_row_offset"]}, "order_key", "reserved (the snapshot's row offset)"),
+        ({**EVENTS, "order_key": ["day", "seq", "_row_offset"]}, "order_key", "reserved (the snapshot query's own)"),
         ({**EVENTS, "columns": ["tenant_id", "day", "seq", "bad-name"]}, "columns", "not a plain lower-case"),
         ({**EVENTS, "columns": ["tenant_id", "day"]}, "columns", "lacks ['seq']"),
         ({**EVENTS, "source_table": "analytics.events; DROP"}, "source_table", "is not 'dataset.table'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 
@@ -118,9 +119,32 @@ def test_bigquery_down_for_a_while_is_retried_with_backoff(pg, bq, bq_emulator, 
     assert dr.state == "success"
     assert proxy.refused > 0
     assert max(ti.try_number for ti in dr.get_task_instances() if ti.task_id == "load_chunk") > 1
+    # each retry waited its backoff (1 s, then at least 2 s: Airflow's exponential retry_delay), measured between
+    # one try's end and the next one's start
+    for waited, least in _retry_waits(dr.run_id):
+        assert waited >= least - 0.05, (waited, least)
     assert target_rows(pg, SEED_TENANT) == as_tuples(rows)
     [job] = jobs(pg)
     assert job["processed_records"] == job["total_records"] == 600
+
+
+def _retry_waits(run_id: str) -> list[tuple[float, float]]:
+    """(seconds between a load_chunk try's end and its next try's start, the least backoff for that retry)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.taskinstancehistory import TaskInstanceHistory
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tries = [(h.map_index, h.try_number, h.start_date, h.end_date) for h in session.query(TaskInstanceHistory)
+                 .filter_by(run_id=run_id, task_id="load_chunk")]  # fmt: skip
+        tries += [(t.map_index, t.try_number, t.start_date, t.end_date) for t in session.query(TaskInstance)
+                  .filter_by(run_id=run_id, task_id="load_chunk")]  # fmt: skip
+    waits = []
+    for (index, number, _, ended), (index2, number2, started, _) in itertools.pairwise(sorted(tries)):
+        if index == index2 and number2 == number + 1:
+            waits.append(((started - ended).total_seconds(), 1.0 * 2 ** (number - 1)))
+    assert waits, "no chunk was retried"
+    return waits
 
 
 def test_bigquery_down_for_good_fails_naming_bigquery_and_writes_nothing(

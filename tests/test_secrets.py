@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import psycopg
 from airflow_run import clear_with_downstream, drive
 from helpers import conf, jobs
 from test_resume import cure_poison, poison
@@ -22,16 +23,29 @@ def _everything_said(pg, capfd, caplog) -> str:
     return "\n".join(["".join(capfd.readouterr()), caplog.text, *messages])
 
 
-def test_a_postgres_password_is_in_no_log_message_or_exception(pg, bq, backfill_dag, monkeypatch, capfd, caplog):
-    create_source(bq, inventory_rows(SEED_TENANT, 300))
-    monkeypatch.setenv("AIRFLOW_CONN_SECRET_PG", f"postgresql://someone:{PG_PASSWORD}@127.0.0.1:1/target")
+def test_a_postgres_password_is_in_no_log_message_or_exception(
+    pg, bq, backfill_dag, writer_role, monkeypatch, capfd, caplog
+):
+    """The password in a connection that logs in and works (the writer role, granted by setup), through a whole run
+    that fails deep in a chunk's writes: every log line and error of the tasks, the hook's and the driver's."""
+    create_source(bq, inventory_rows(SEED_TENANT, 1_000))
+    poison(pg)  # in the last of the four chunks
+    info = psycopg.conninfo.conninfo_to_dict(writer_role)
+    dsn = psycopg.conninfo.make_conninfo(**{**info, "password": PG_PASSWORD})
+    monkeypatch.setenv("AIRFLOW_CONN_SECRET_PG", services.airflow_conn_uri(dsn))
 
     dr = backfill_dag.test(run_conf=conf(postgres_conn_id="secret_pg"))
 
     assert dr.state == "failed"
+    assert [j["processed_records"] for j in jobs(pg)] == [750]  # it connected and wrote: the password was used
     said = _everything_said(pg, capfd, caplog)
-    assert "cannot connect to Postgres connection 'secret_pg'" in said  # the failure is there, named
+    assert 'violates check constraint "refuse_poison"' in said  # the failure is there, named
     assert PG_PASSWORD not in said
+    # and a connection that cannot log in at all
+    monkeypatch.setenv("AIRFLOW_CONN_SECRET_PG", f"postgresql://someone:{PG_PASSWORD}@127.0.0.1:1/target")
+    dr = backfill_dag.test(run_conf=conf(postgres_conn_id="secret_pg"))
+    said = _everything_said(pg, capfd, caplog)
+    assert "cannot connect to Postgres connection 'secret_pg'" in said and PG_PASSWORD not in said
 
 
 def _service_account_key() -> tuple[dict, list[str]]:

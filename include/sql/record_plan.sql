@@ -7,6 +7,7 @@ SET total_records = %(total_records)s,
     snapshot_at = %(snapshot_at)s,
     target_snapshot = %(target_snapshot)s,
     estimated_bytes = %(estimated_bytes)s,
+    duplicate_source_rows = %(duplicate_source_rows)s,
     updated_at = now()
 WHERE id = %(job_id)s AND snapshot_table IS NULL
 RETURNING id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at, target_snapshot,

@@ -41,7 +41,9 @@ ALTER TABLE bigquery_backfill_jobs
     ADD COLUMN IF NOT EXISTS ignored_source_columns text[],
     -- the model's columns as the run resolved them at cleanup, [[target, Postgres type, source column], ...]: every
     -- later task of the run reads and writes exactly these
-    ADD COLUMN IF NOT EXISTS model_columns jsonb;
+    ADD COLUMN IF NOT EXISTS model_columns jsonb,
+    -- the tenant's source rows left out of the snapshot because a later row (by the order key) has their key
+    ADD COLUMN IF NOT EXISTS duplicate_source_rows bigint NOT NULL DEFAULT 0;
 -- A job belongs to exactly one dag run: re-running the run's tasks reuses it.
 CREATE UNIQUE INDEX IF NOT EXISTS bigquery_backfill_jobs_dag_run
     ON bigquery_backfill_jobs (dag_id, dag_run_id);

@@ -29,6 +29,7 @@ WITH needed (kind, table_name, name) AS (
     ('column', 'bigquery_backfill_jobs', 'estimated_bytes'),
     ('column', 'bigquery_backfill_jobs', 'ignored_source_columns'),
     ('column', 'bigquery_backfill_jobs', 'model_columns'),
+    ('column', 'bigquery_backfill_jobs', 'duplicate_source_rows'),
     ('column', 'backfill_source_progress', 'id'),
     ('column', 'backfill_source_progress', 'job_id'),
     ('column', 'backfill_source_progress', 'source_table'),

@@ -242,6 +242,7 @@ def record_plan(
     snapshot_at: datetime,
     target_snapshot: str,
     estimated_bytes: int | None = None,
+    duplicate_source_rows: int = 0,
 ) -> Job:
     """Records the snapshot the job reads (and BigQuery's estimate of the bytes its query bills); once per job."""
     row = _one(
@@ -256,6 +257,7 @@ def record_plan(
             "snapshot_at": snapshot_at,
             "target_snapshot": target_snapshot,
             "estimated_bytes": estimated_bytes,
+            "duplicate_source_rows": duplicate_source_rows,
         },
     )
     if row is None:

@@ -40,8 +40,6 @@ def run_lineage(result: dict[str, Any]) -> Any:
     )
     from airflow.providers.openlineage.extractors import OperatorLineage
 
-    from bq_backfill import type_map
-
     columns = result.get("columns") or []
 
     def schema(types: dict[str, str]) -> SchemaDatasetFacet:
@@ -50,7 +48,7 @@ def run_lineage(result: dict[str, Any]) -> Any:
     source = InputDataset(
         namespace="bigquery",
         name=result["source_table"],
-        facets={"schema": schema({source: type_map.source_type(pg_type) for _, pg_type, source in columns})},
+        facets={"schema": schema({source: bq_type for _, _, source, bq_type in columns})},
     )
     target = urlsplit(result["asset_uri"])
     _, database, pg_schema, table = target.path.split("/")
@@ -58,7 +56,7 @@ def run_lineage(result: dict[str, Any]) -> Any:
     output = OutputDataset(
         namespace=f"postgres://{target.netloc}",
         name=f"{database}.{pg_schema}.{table}",
-        facets={"schema": schema({name: pg_type for name, pg_type, _ in columns})},
+        facets={"schema": schema({name: pg_type for name, pg_type, _, _ in columns})},
         outputFacets={"outputStatistics": OutputStatisticsOutputDatasetFacet(rowCount=written)},
     )
     return OperatorLineage(inputs=[source], outputs=[output])

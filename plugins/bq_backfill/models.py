@@ -23,6 +23,8 @@ _SOURCE_TABLE = re.compile(r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za
 _PG_TYPE = re.compile(r"^[a-z][a-z ]{0,40}(\(\d{1,4}(,\s?\d{1,4})?\))?(\[\])?$")
 # A snapshot row's position in its tenant's order key: numbered by BigQuery, carried by every slice into Postgres.
 OFFSET_COLUMN = "_row_offset"
+# A source row's rank among the rows of its conflict key, latest first: the snapshot query keeps rank 1.
+LATEST_COLUMN = "_row_latest"
 # the package's own tables are named so: no model may write into one
 RESERVED_TABLE_PREFIXES = ("backfill_", "bigquery_backfill_")
 
@@ -123,8 +125,8 @@ class Declaration:
         for ident in names:
             if not isinstance(ident, str) or not _IDENT.match(ident):
                 raise DeclarationError(self.model_type, label, f"{ident!r} is not a plain lower-case identifier")
-            if ident == OFFSET_COLUMN:
-                raise DeclarationError(self.model_type, label, f"{ident!r} is reserved (the snapshot's row offset)")
+            if ident in (OFFSET_COLUMN, LATEST_COLUMN):
+                raise DeclarationError(self.model_type, label, f"{ident!r} is reserved (the snapshot query's own)")
 
     def source_name(self, column: str) -> str:
         """The source column a target column is read from (renames), before the source's schema is known."""
@@ -220,6 +222,9 @@ def resolve(declaration: Declaration, target: list[TargetColumn], source: Mappin
             f"source columns {lost} are not in the source table {d.source_table}: restore them in the source, or "
             "leave their target columns out of the model (its `columns:` list; README: Schema drift)"
         )
+    reserved = [c.source for c in columns if c.source.lower() in (OFFSET_COLUMN, LATEST_COLUMN)]
+    if reserved:
+        problems.append(f"source columns {reserved} have names the snapshot query uses itself: rename them in BigQuery")
     unmatched = [s for s in d.renames if s.lower() not in source_names]
     if unmatched:
         problems.append(f"renames names source columns {unmatched} that are not in {d.source_table}")

@@ -40,7 +40,7 @@ from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
 from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
 
 from bq_backfill import type_map
-from bq_backfill.models import OFFSET_COLUMN, Model
+from bq_backfill.models import LATEST_COLUMN, OFFSET_COLUMN, Model
 from bq_backfill.settings import UUID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -311,18 +311,30 @@ class BigQuerySource:
 
     @staticmethod
     def snapshot_select(model: Model, source: TableRef, as_of: datetime) -> str:
-        """The tenant's rows (bound parameter @tenant_ids, see tenant_param) as of `as_of`, numbered 0..N-1 by the
-        model's full order key: the only query that reads the source table."""
+        """The tenant's rows (bound parameter @tenant_ids, see tenant_param) as of `as_of`, one per conflict key,
+        numbered 0..N-1 by the model's full order key: the only query that reads the source table.
+
+        Rows sharing a conflict key are resolved here, where the whole tenant is seen, whatever order BigQuery reads
+        them in: the latest by the order key is kept, a tie on the whole order key broken by the row's values (their
+        JSON text, the greatest kept). Rows with a NULL key column are all kept (each is quarantined)."""
         cols = ", ".join(
             f"{type_map.read_expression(c.source_type, c.pg_type, f'`{c.source}`')} AS `{c.name}`"
             for c in model.columns
         )
         order = ", ".join(f"`{model.source_name(c)}`" for c in model.order_key)
+        sources = ", ".join(f"`{s}`" for s in dict.fromkeys(c.source for c in model.columns))
+        values = f"TO_JSON_STRING(STRUCT({sources}))"
+        key = [f"`{model.source_name(c)}`" for c in model.conflict_key]
+        null_key = " OR ".join(f"{k} IS NULL" for k in key)
+        latest = ", ".join(f"`{model.source_name(c)}` DESC" for c in model.order_key)
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
         return (
-            f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` "  # noqa: S608
+            f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` FROM ("  # noqa: S608
+            f"SELECT {sources}, ROW_NUMBER() OVER (PARTITION BY {', '.join(key)}, IF({null_key}, {values}, NULL) "
+            f"ORDER BY {latest}, {values} DESC) AS `{LATEST_COLUMN}` "
             f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
             f"WHERE `{model.source_name(model.tenant_column)}` IN UNNEST(@tenant_ids)"
+            f") WHERE `{LATEST_COLUMN}` = 1"
         )
 
     def count_tenant_rows(self, model: Model, source: TableRef, tenant_id: str, as_of: datetime) -> int:

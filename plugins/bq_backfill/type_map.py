@@ -140,14 +140,6 @@ def created_type(bq_type: str) -> str | None:
     return CREATED.get(bq_type)
 
 
-def source_type(pg_format_type: str) -> str:
-    """The BigQuery type a column of this Postgres type is read from (the first in the table; lineage's schema)."""
-    base = postgres_base(pg_format_type)
-    element = base.removesuffix("[]")
-    name = next((bq for bq, pg in CREATED.items() if postgres_base(pg) == element), "STRING")
-    return f"ARRAY<{name}>" if element != base else name
-
-
 def mismatch(column: str, bq_type: str, pg_format_type: str) -> str | None:
     """Why this pair is refused, naming the column, both types and what is supported; None if it is supported."""
     accepted = allowed(bq_type)
