@@ -7,7 +7,7 @@ EMU_VENV ?= .venv-bqemulator
 OLDEST_VENV ?= .venv-oldest
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: test lint install demo up bench clean dist
+.PHONY: test lint install demo up bench clean dist differential
 
 install: $(VENV)/.installed $(EMU_VENV)/.installed $(OLDEST_VENV)/.installed
 
@@ -48,6 +48,10 @@ test: install lint
 	$(VENV)/bin/python -m pytest tests
 	$(OLDEST_VENV)/bin/python -c "import airflow; assert airflow.__version__ == '3.2.1', airflow.__version__"
 	$(OLDEST_VENV)/bin/python -m pytest $(OLDEST_TESTS)
+
+# The write paths against the plain upsert, with many more seeded random cases than `make test` runs (300).
+differential: $(VENV)/.installed
+	BACKFILL_DIFFERENTIAL_EXAMPLES=$${EXAMPLES:-3000} $(VENV)/bin/python -m pytest tests/test_write_paths_differential.py
 
 clean:
 	rm -rf $(VENV) $(EMU_VENV) $(OLDEST_VENV) dist
