@@ -120,3 +120,7 @@ CREATE TABLE IF NOT EXISTS backfill_range_proofs (
     recorded_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, model_type, digest)
 );
+-- where and when each proof was taken (range_proofs.epoch): its row versions are 32-bit ids of that cluster only
+ALTER TABLE backfill_range_proofs
+    ADD COLUMN IF NOT EXISTS system_identifier bigint,
+    ADD COLUMN IF NOT EXISTS recorded_xid      bigint;

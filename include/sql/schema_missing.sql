@@ -69,6 +69,8 @@ WITH needed (kind, table_name, name) AS (
     ('column', 'backfill_range_proofs', 'row_versions'),
     ('column', 'backfill_range_proofs', 'job_id'),
     ('column', 'backfill_range_proofs', 'recorded_at'),
+    ('column', 'backfill_range_proofs', 'system_identifier'),
+    ('column', 'backfill_range_proofs', 'recorded_xid'),
     ('index', 'bigquery_backfill_jobs', 'bigquery_backfill_jobs_dag_run'),
     ('index', 'bigquery_backfill_jobs', 'bigquery_backfill_jobs_one_active_run'),
     ('index', 'bigquery_backfill_jobs', 'bigquery_backfill_jobs_pkey'),

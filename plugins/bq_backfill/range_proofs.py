@@ -11,12 +11,18 @@ across a slice boundary, which ends as the later slice's row, as the upsert woul
 has the same digest, over a range with the same row versions, is then known to hold the same rows. Anything else
 (a new digest, a row changed, a range rewritten by VACUUM FULL or a restore, or frozen in a way that shows in
 xmin) only costs the full comparison.
+
+Row versions are 32-bit transaction ids of one cluster: a proof is trusted only on the server whose system
+identifier it was recorded on, and only while fewer than MAX_XID_AGE transactions have passed since (64-bit ids:
+pg_snapshot_xmax), so a ledger moved to another cluster (dump and restore, logical replication) or an id space that
+wrapped around cannot match by chance. A role that may not read the system identifier records and uses no proof.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +36,34 @@ from bq_backfill.models import Model
 from bq_backfill.target_rows import VERSION_COLUMN, KeyRange, in_range
 
 PROOF_FORMAT = b"bq-backfill-2"
+# A proof's row versions are xids of 32 bits: one older than this many transactions may name another row version.
+MAX_XID_AGE = 2_000_000_000
+_SYSTEMS: weakref.WeakKeyDictionary[psycopg.Connection, int | None] = weakref.WeakKeyDictionary()
+
+
+def epoch(conn: psycopg.Connection) -> dict[str, int] | None:
+    """Where and when a proof is taken: {"system": the server's system identifier, "xid": the next 64-bit
+    transaction id}, or None where the role may not call pg_control_system() (then no proof is recorded or used)."""
+    if conn not in _SYSTEMS:
+        allowed = conn.execute("SELECT has_function_privilege('pg_control_system()', 'EXECUTE')").fetchone()
+        system = None
+        if allowed and allowed[0]:
+            row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+            system = int(row[0]) if row else None
+        _SYSTEMS[conn] = system
+    system = _SYSTEMS[conn]
+    if system is None:
+        return None
+    xid = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()[0]
+    return {"system": system, "xid": int(xid)}
+
+
+def trusted(conn: psycopg.Connection, recorded: dict[str, Any] | None) -> bool:
+    """Whether a proof recorded at `recorded` (an epoch) may be used here and now."""
+    now = epoch(conn)
+    if not recorded or now is None or recorded.get("system") != now["system"] or recorded.get("xid") is None:
+        return False
+    return 0 <= now["xid"] - int(recorded["xid"]) < MAX_XID_AGE
 
 
 @dataclass(frozen=True)
@@ -87,11 +121,11 @@ def versions_in_range(conn: psycopg.Connection, model: Model, tenant_id: str, ke
 def holds(conn: psycopg.Connection, model: Model, key: ProofKey, keys: KeyRange, rows: int) -> dict[str, int] | None:
     """The row versions a proof of this digest recorded, if there is one and the range still holds exactly them."""
     found = conn.execute(
-        "SELECT row_count, row_versions FROM backfill_range_proofs "
+        "SELECT row_count, row_versions, system_identifier, recorded_xid FROM backfill_range_proofs "
         "WHERE tenant_id = %s AND model_type = %s AND digest = %s",
         [key.tenant_id, key.model_type, key.digest],
     ).fetchone()
-    if found is None or found[0] != rows:
+    if found is None or found[0] != rows or not trusted(conn, {"system": found[2], "xid": found[3]}):
         return None
     return found[1] if versions_in_range(conn, model, key.tenant_id, keys) == found[1] else None
 
@@ -99,15 +133,18 @@ def holds(conn: psycopg.Connection, model: Model, key: ProofKey, keys: KeyRange,
 def record(conn: psycopg.Connection, key: ProofKey, rows: int, versions: dict[str, int]) -> bool:
     """Records that the slice's range holds exactly its `rows` rows, as these versions, when the caller has just
     seen so (the same rows, compared in the statement that read these versions); not if it holds more."""
-    if sum(versions.values()) != rows:
+    taken = epoch(conn)
+    if sum(versions.values()) != rows or taken is None:
         return False
     conn.execute(
-        "INSERT INTO backfill_range_proofs (tenant_id, model_type, digest, row_count, row_versions, job_id) "
-        "VALUES (%s, %s, %s, %s, %s, %s) "
+        "INSERT INTO backfill_range_proofs (tenant_id, model_type, digest, row_count, row_versions, job_id, "
+        "system_identifier, recorded_xid) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
         "ON CONFLICT (tenant_id, model_type, digest) DO UPDATE SET row_count = EXCLUDED.row_count, "
-        "row_versions = EXCLUDED.row_versions, job_id = EXCLUDED.job_id, recorded_at = now()",
-        [key.tenant_id, key.model_type, key.digest, rows, Jsonb(versions), key.job_id],
-    )
+        "row_versions = EXCLUDED.row_versions, job_id = EXCLUDED.job_id, recorded_at = now(), "
+        "system_identifier = EXCLUDED.system_identifier, recorded_xid = EXCLUDED.recorded_xid",
+        [key.tenant_id, key.model_type, key.digest, rows, Jsonb(versions), key.job_id, taken["system"],
+         taken["xid"]],
+    )  # fmt: skip
     return True
 
 

@@ -121,7 +121,10 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 write_seconds += time.monotonic() - written
             path = "+".join(dict.fromkeys(paths))  # e.g. "copy", or "upsert+copy" for a chunk whose slices differ
             timing = {"read_seconds": read_seconds, "write_seconds": write_seconds}
-            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing}, path, key_proof.proof())
+            proven = key_proof.proof()
+            taken = range_proofs.epoch(conn) if proven else None
+            chunk_proof = {**proven, "epoch": taken} if proven and taken else None
+            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing}, path, chunk_proof)
     except psycopg.OperationalError:
         raise  # connection-level: a retry can succeed
     except (sink.TargetRowsDifferError, target_checks.TargetRefusedError) as exc:

@@ -46,7 +46,11 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
         totals = ledger.chunk_totals(conn, job.id)
         unfinished = ledger.unfinished_chunks(conn, job.id)
-        key_proofs = ledger.chunk_key_proofs(conn, job.id)
+        # a chunk's proof holds row versions of the cluster that took it: used only there, and while still young
+        key_proofs = {
+            lo: held for lo, held in ledger.chunk_key_proofs(conn, job.id).items()
+            if range_proofs.trusted(conn, held[1].get("epoch"))
+        }  # fmt: skip
         legacy = ledger.legacy_jobs_during_run(conn, job.id)
         if job.snapshot_table is None:
             if job.status == "failed":  # plan's own failure callback said why: keep its message
