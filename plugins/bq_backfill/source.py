@@ -315,23 +315,31 @@ class BigQuerySource:
         numbered 0..N-1 by the model's full order key: the only query that reads the source table.
 
         Rows sharing a conflict key are resolved here, where the whole tenant is seen, whatever order BigQuery reads
-        them in: the latest by the order key is kept, a tie on the whole order key broken by the row's values (their
-        JSON text, the greatest kept). Rows with a NULL key column are all kept (each is quarantined)."""
+        them in: the latest by the order key is kept, a tie on the whole order key broken by the row's other values
+        (the greatest kept). Rows with a NULL key column are all kept (each is quarantined)."""
         cols = ", ".join(
             f"{type_map.read_expression(c.source_type, c.pg_type, f'`{c.source}`')} AS `{c.name}`"
             for c in model.columns
         )
         order = ", ".join(f"`{model.source_name(c)}`" for c in model.order_key)
-        sources = ", ".join(f"`{s}`" for s in dict.fromkeys(c.source for c in model.columns))
+        read = {c.source: c.source_type for c in model.columns}
+        sources = ", ".join(f"`{s}`" for s in read)
         values = f"TO_JSON_STRING(STRUCT({sources}))"
         key = [f"`{model.source_name(c)}`" for c in model.conflict_key]
         null_key = " OR ".join(f"{k} IS NULL" for k in key)
-        latest = ", ".join(f"`{model.source_name(c)}` DESC" for c in model.order_key)
+        # a tie on the whole order key: the greatest row by its other columns, as JSON text those that cannot be
+        # ordered by or whose value an ordering may normalise (a float's -0)
+        order_sources = {model.source_name(c) for c in model.order_key}
+        direct = {s for s, t in read.items() if s not in order_sources and t in type_map.ORDERED}
+        plain = [f"`{s}` DESC" for s in read if s in direct]
+        other = [f"`{s}`" for s in read if s not in direct and s not in order_sources]
+        ties = [*plain, *([f"TO_JSON_STRING(STRUCT({', '.join(other)})) DESC"] if other else [])]
+        latest = ", ".join([*(f"`{model.source_name(c)}` DESC" for c in model.order_key), *ties])
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
         return (
             f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` FROM ("  # noqa: S608
             f"SELECT {sources}, ROW_NUMBER() OVER (PARTITION BY {', '.join(key)}, IF({null_key}, {values}, NULL) "
-            f"ORDER BY {latest}, {values} DESC) AS `{LATEST_COLUMN}` "
+            f"ORDER BY {latest}) AS `{LATEST_COLUMN}` "
             f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
             f"WHERE `{model.source_name(model.tenant_column)}` IN UNNEST(@tenant_ids)"
             f") WHERE `{LATEST_COLUMN}` = 1"

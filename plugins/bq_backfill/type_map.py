@@ -50,6 +50,8 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
 # element types an ARRAY may hold here (Postgres arrays of the element's types)
 ARRAY_ELEMENTS = ("BOOL", "INT64", "FLOAT64", "NUMERIC", "BIGNUMERIC", "STRING", "BYTES", "DATE", "DATETIME", "TIME",
                   "TIMESTAMP")  # fmt: skip
+# types a tie-break orders by directly, values untouched (a float's -0 can come back as 0 from a sort)
+ORDERED = ("BOOL", "INT64", "NUMERIC", "BIGNUMERIC", "STRING", "BYTES", "DATE", "DATETIME", "TIME", "TIMESTAMP")
 # types that cannot be part of a conflict or order key (BigQuery cannot order by them; their text is not their order)
 NOT_KEYS = ("STRUCT", "GEOGRAPHY", "INTERVAL", "RANGE", "ARRAY", "JSON")
 # the column type the setup DAG gives a target table it creates (the first pair of each, with BigQuery's own
