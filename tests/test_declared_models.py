@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 from google.cloud import bigquery
-from helpers import ROOT, jobs
+from helpers import ROOT, WRITER_ROLE, jobs
 
 from bq_backfill import model_file
 from bq_backfill.models import DeclarationError
@@ -96,7 +96,7 @@ def _versions(pg, table: str) -> list[str]:
     return [r[0] for r in pg.execute(f"SELECT xmin::text FROM {table} ORDER BY 1").fetchall()]  # noqa: S608
 
 
-def test_two_declared_models_are_set_up_and_backfilled_through_the_file_alone(pg, bq, declare_models):
+def test_two_declared_models_are_set_up_and_backfilled_through_the_file_alone(pg, bq, declare_models, writer_role):
     create_source(bq, inventory_rows(SEED_TENANT, 5))  # the shipped model's source: setup checks it too
     _load(bq, "orders", ORDER_FIELDS, _orders(SEED_TENANT, 130) + _orders(OTHER_TENANT, 20))
     _load(bq, "events", EVENT_FIELDS, _events(SEED_TENANT, 90))
@@ -109,9 +109,15 @@ def test_two_declared_models_are_set_up_and_backfilled_through_the_file_alone(pg
     dag = declare_models({"orders": ORDERS, "events": EVENTS})
     assert dag.params.get_param("model_type").schema["enum"] == ["events", "inventory", "orders"]
 
-    setup = _setup_dag().test(run_conf={})
+    setup = _setup_dag().test(run_conf={"writer_role": WRITER_ROLE})
 
     assert setup.state == "success"
+    granted = pg.execute(
+        "SELECT has_table_privilege(%s, 'orders', 'INSERT'), has_table_privilege(%s, 'events', 'UPDATE'), "
+        "has_table_privilege(%s, 'orders', 'DELETE')",
+        [WRITER_ROLE] * 3,
+    )
+    assert granted.fetchone() == (True, True, False)  # what a run needs on the created and the user's table
     created = pg.execute(
         "SELECT column_name, format_type(atttypid, atttypmod), attnotnull FROM information_schema.columns c "
         "JOIN pg_attribute a ON a.attrelid = 'orders'::regclass AND a.attname = c.column_name "
@@ -158,6 +164,8 @@ def test_two_declared_models_are_set_up_and_backfilled_through_the_file_alone(pg
         ({**EVENTS, "source_table": "analytics.events; DROP"}, "source_table", "is not 'dataset.table'"),
         ({**EVENTS, "renames": {"a b": "c"}}, "renames", "not a plain BigQuery column name"),
         ({**EVENTS, "create_types": {"seq": "bigint); DROP TABLE x; --"}}, "create_types", "not a plain Postgres"),
+        ({**EVENTS, "create_types": {"seq": "bigint primary key"}}, "create_types", "not a type any BigQuery"),
+        ({**EVENTS, "create_types": {"seq": "numerc(18,4)"}}, "create_types", "not a type any BigQuery"),
     ],
 )
 def test_a_bad_declaration_is_named_by_model_and_field(tmp_path, body, field, says):
@@ -214,3 +222,35 @@ def test_setup_names_each_model_that_cannot_run_and_sets_up_the_others(pg, bq, d
         caplog.text
     )
     assert pg.execute("SELECT to_regclass('events') IS NOT NULL, to_regclass('nowhere')").fetchone() == (True, None)
+
+
+def test_refused_pairs_name_the_column_and_what_to_use_instead():
+    from bq_backfill import type_map
+    from bq_backfill.models import TargetColumn, resolve
+
+    assert "keeps 3 fractional digits" in type_map.mismatch("at", "TIMESTAMP", "timestamp(3) with time zone")
+    assert type_map.mismatch("at", "TIMESTAMP", "timestamp with time zone") is None
+    assert "use numeric[] (unconstrained elements)" in type_map.mismatch("xs", "ARRAY<NUMERIC>", "numeric(18,4)[]")
+    assert type_map.mismatch("xs", "ARRAY<NUMERIC>", "numeric(38,9)[]") is None
+    assert type_map.mismatch("xs", "ARRAY<STRING>", "character varying(5)[]") is not None
+    assert type_map.mismatch("gs", "ARRAY<GEOGRAPHY>", "jsonb") is None
+    declaration = model_file.parse("m", {**EVENTS, "conflict_key": ["tenant_id", "score"], "order_key": ["score"]})
+    target = [TargetColumn("tenant_id", "text"), TargetColumn("score", "double precision")]
+    with pytest.raises(LookupError) as refused:
+        resolve(declaration, target, {"tenant_id": "INT64", "score": "FLOAT64"})
+    assert "'score' of BigQuery type FLOAT64 cannot be in a conflict_key" in str(refused.value)
+    assert "tenant column 'tenant_id' must be a STRING in BigQuery and a uuid in Postgres" in str(refused.value)
+
+
+def test_a_value_that_is_not_a_uuid_is_quarantined_not_a_failed_chunk():
+    from bq_backfill.models import Column
+    from bq_backfill.validate import split_invalid
+
+    model = model_file.parse("m", EVENTS).resolved((Column("tenant_id", "uuid"), Column("day", "date"),
+                                                      Column("seq", "bigint"), Column("ref", "uuid")))  # fmt: skip
+    rows = pa.table({"tenant_id": [SEED_TENANT] * 3, "day": [date(2020, 1, 1)] * 3, "seq": [1, 2, 3],
+                     "ref": [OTHER_TENANT.upper(), "not-a-uuid", None], "_row_offset": [0, 1, 2]})  # fmt: skip
+
+    checked = split_invalid(model, rows, "_row_offset")
+
+    assert checked.rejected.offsets == [1] and checked.rejected.reasons == ["ref is not a uuid"]

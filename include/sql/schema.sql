@@ -39,7 +39,7 @@ ALTER TABLE bigquery_backfill_jobs
     ADD COLUMN IF NOT EXISTS estimated_bytes   bigint,
     -- source columns no model column reads (a column added in BigQuery): the run ignores them and says so
     ADD COLUMN IF NOT EXISTS ignored_source_columns text[],
-    -- the model's columns as the run resolved them at cleanup, [[target, Postgres type, source column], ...]: every
+    -- the model's columns as the run resolved them at cleanup, [[target, Postgres type, source, BigQuery type], ...]: every
     -- later task of the run reads and writes exactly these
     ADD COLUMN IF NOT EXISTS model_columns jsonb,
     -- the tenant's source rows left out of the snapshot because a later row (by the order key) has their key

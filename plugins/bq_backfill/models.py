@@ -20,7 +20,7 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _SOURCE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,299}$")
 _SOURCE_TABLE = re.compile(r"^([A-Za-z0-9-]{1,63}\.)?[A-Za-z0-9_]{1,1024}\.[A-Za-z0-9_]{1,1024}$")
 # a Postgres type as a declaration may name it for a table setup creates: letters, one modifier, array brackets
-_PG_TYPE = re.compile(r"^[a-z][a-z ]{0,40}(\(\d{1,4}(,\s?\d{1,4})?\))?(\[\])?$")
+_PG_TYPE = re.compile(r"^[a-z][a-z0-9 ]{0,40}(\(\d{1,4}(,\s?\d{1,4})?\))?(\[\])?$")
 # A snapshot row's position in its tenant's order key: numbered by BigQuery, carried by every slice into Postgres.
 OFFSET_COLUMN = "_row_offset"
 # A source row's rank among the rows of its conflict key, latest first: the snapshot query keeps rank 1.
@@ -120,6 +120,9 @@ class Declaration:
             self._plain("create_types", [column])
             if not isinstance(pg_type, str) or not _PG_TYPE.match(pg_type):
                 raise bad(name, "create_types", f"{column}: {pg_type!r} is not a plain Postgres type name")
+            if type_map.postgres_base(pg_type) not in type_map.POSTGRES_TYPES:
+                raise bad(name, "create_types", f"{column}: {pg_type!r} is not a type any BigQuery type lands in "
+                                                "(README: Column types)")  # fmt: skip
 
     def _plain(self, label: str, names) -> None:
         for ident in names:
@@ -232,9 +235,18 @@ def resolve(declaration: Declaration, target: list[TargetColumn], source: Mappin
     if refused:
         problems.append("; ".join(refused) + ". Change the target column's type (or the source's)")
     keys = set(d.conflict_key) | set(d.order_key)
-    unordered = [why for c in columns if c.name in keys and (why := type_map.key_refusal(c.name, c.source_type))]
+    unordered = [
+        why for c in columns
+        if c.name in keys and (why := type_map.key_refusal(c.name, c.source_type, c.name in d.conflict_key))
+    ]  # fmt: skip
     if unordered:
         problems.append("; ".join(unordered))
+    tenant = next((c for c in columns if c.name == d.tenant_column), None)
+    if tenant and (tenant.source_type != "STRING" or type_map.postgres_base(tenant.pg_type) != "uuid"):
+        problems.append(
+            f"the tenant column {d.tenant_column!r} must be a STRING in BigQuery and a uuid in Postgres (tenants are "
+            f"uuids, matched in either letter case); here {tenant.source_type} into {tenant.pg_type}"
+        )
     if problems:
         raise ModelMismatchError(f"model {d.model_type!r}: " + "; ".join(problems))
     model = d.resolved(tuple(columns))

@@ -38,24 +38,25 @@ from bq_backfill.target_rows import VERSION_COLUMN, KeyRange, in_range
 PROOF_FORMAT = b"bq-backfill-2"
 # A proof's row versions are xids of 32 bits: one older than this many transactions may name another row version.
 MAX_XID_AGE = 2_000_000_000
-_SYSTEMS: weakref.WeakKeyDictionary[psycopg.Connection, int | None] = weakref.WeakKeyDictionary()
+_EPOCHS: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, int] | None] = weakref.WeakKeyDictionary()
 
 
 def epoch(conn: psycopg.Connection) -> dict[str, int] | None:
-    """Where and when a proof is taken: {"system": the server's system identifier, "xid": the next 64-bit
-    transaction id}, or None where the role may not call pg_control_system() (then no proof is recorded or used)."""
-    if conn not in _SYSTEMS:
+    """Where and when proofs are taken on this connection: {"system": the server's system identifier, "xid": the
+    next 64-bit transaction id when first asked}, or None where the role may not call pg_control_system() (then no
+    proof is recorded or used). Asked once per connection: a connection lives for one task, far less than the
+    MAX_XID_AGE transactions that matter."""
+    if conn not in _EPOCHS:
         allowed = conn.execute("SELECT has_function_privilege('pg_control_system()', 'EXECUTE')").fetchone()
-        system = None
+        taken = None
         if allowed and allowed[0]:
-            row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
-            system = int(row[0]) if row else None
-        _SYSTEMS[conn] = system
-    system = _SYSTEMS[conn]
-    if system is None:
-        return None
-    xid = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()[0]
-    return {"system": system, "xid": int(xid)}
+            row = conn.execute(
+                "SELECT system_identifier, pg_snapshot_xmax(pg_current_snapshot())::text::bigint "
+                "FROM pg_control_system()"
+            ).fetchone()
+            taken = {"system": int(row[0]), "xid": int(row[1])} if row else None
+        _EPOCHS[conn] = taken
+    return _EPOCHS[conn]
 
 
 def trusted(conn: psycopg.Connection, recorded: dict[str, Any] | None) -> bool:

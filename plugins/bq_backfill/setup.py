@@ -57,6 +57,8 @@ def setup_database(
                     created.append(declaration.target_table)
         except (DeclarationError, LookupError, TypeError, ValueError) as exc:
             problems[declaration.model_type] = str(exc)
+        except psycopg.Error as exc:  # e.g. a create_types Postgres does not know: that model only
+            problems[declaration.model_type] = f"model {declaration.model_type!r}: Postgres refused its table: {exc}"
     for name, problem in problems.items():
         log.error("model %s cannot be backfilled: %s", name, problem)
     targets = sorted(m.target_table for n, m in declared.models.items() if n not in problems)
@@ -127,7 +129,10 @@ def create_target(conn: psycopg.Connection, declaration: Declaration, source: Ma
             "uuid" if pg_name == d.tenant_column and bq_type == "STRING" else type_map.created_type(bq_type)
         )
         if pg_type is None:
-            raise DeclarationError(d.model_type, "source_table", type_map.mismatch(source_name, bq_type, "text") or "")
+            raise DeclarationError(
+                d.model_type, "columns", f"{type_map.mismatch(source_name, bq_type, 'text')}; leave it out of the "
+                "table setup creates with a `columns` list"
+            )  # fmt: skip
         key = pg_name in d.conflict_key
         columns.append(
             sql.SQL("{} {}{}").format(

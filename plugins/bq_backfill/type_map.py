@@ -46,12 +46,20 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "RANGE<TIMESTAMP>": ("tstzrange",),
     "ARRAY<STRUCT>": ("jsonb",),
     "ARRAY<JSON>": ("jsonb",),
+    "ARRAY<GEOGRAPHY>": ("jsonb",),
+    "ARRAY<INTERVAL>": ("jsonb",),
+    "ARRAY<RANGE<DATE>>": ("jsonb",),
+    "ARRAY<RANGE<DATETIME>>": ("jsonb",),
+    "ARRAY<RANGE<TIMESTAMP>>": ("jsonb",),
 }
 # element types an ARRAY may hold here (Postgres arrays of the element's types)
 ARRAY_ELEMENTS = ("BOOL", "INT64", "FLOAT64", "NUMERIC", "BIGNUMERIC", "STRING", "BYTES", "DATE", "DATETIME", "TIME",
                   "TIMESTAMP")  # fmt: skip
 # types a tie-break orders by directly, values untouched (a float's -0 can come back as 0 from a sort)
 ORDERED = ("BOOL", "INT64", "NUMERIC", "BIGNUMERIC", "STRING", "BYTES", "DATE", "DATETIME", "TIME", "TIMESTAMP")
+# every Postgres type some pair lands in (format_type's names), and as arrays
+POSTGRES_TYPES = frozenset(pg for pgs in SUPPORTED.values() for pg in pgs) | {f"{pg}[]" for e in ARRAY_ELEMENTS
+                                                                             for pg in SUPPORTED[e]}  # fmt: skip
 # types that cannot be part of a conflict or order key (BigQuery cannot order by them; their text is not their order)
 NOT_KEYS = ("STRUCT", "GEOGRAPHY", "INTERVAL", "RANGE", "ARRAY", "JSON")
 # the column type the setup DAG gives a target table it creates (the first pair of each, with BigQuery's own
@@ -77,6 +85,11 @@ CREATED = {
     "RANGE<TIMESTAMP>": "tstzrange",
     "ARRAY<STRUCT>": "jsonb",
     "ARRAY<JSON>": "jsonb",
+    "ARRAY<GEOGRAPHY>": "jsonb",
+    "ARRAY<INTERVAL>": "jsonb",
+    "ARRAY<RANGE<DATE>>": "jsonb",
+    "ARRAY<RANGE<DATETIME>>": "jsonb",
+    "ARRAY<RANGE<TIMESTAMP>>": "jsonb",
 }
 # the spellings a model may use for a type, as format_type spells it
 _POSTGRES_NAMES = {
@@ -118,7 +131,7 @@ def read_expression(bq_type: str, pg_format_type: str, column: str) -> str:
     """The snapshot query's expression for a source column (`column`: its quoted name): the value itself, or, for
     a type with no Arrow form Postgres reads, the text Postgres parses into `pg_format_type`."""
     base = postgres_base(pg_format_type)
-    if bq_type in ("STRUCT", "ARRAY<STRUCT>", "ARRAY<JSON>"):
+    if bq_type == "STRUCT" or (bq_type.startswith("ARRAY<") and base == "jsonb"):
         return f"IF({column} IS NULL, NULL, TO_JSON_STRING({column}))"  # an ARRAY is never NULL: [] stays []
     if bq_type == "GEOGRAPHY":
         return f"ST_ASGEOJSON({column})" if base == "jsonb" else f"ST_ASTEXT({column})"
@@ -142,9 +155,34 @@ def created_type(bq_type: str) -> str | None:
     return CREATED.get(bq_type)
 
 
+# a time type with fewer fractional digits than BigQuery's microseconds, e.g. timestamp(3): Postgres would round
+_COARSE_TIME = re.compile(r"^(timestamp|time)\((\d)\)")
+
+
+def _holds_numeric(bq_type: str, pg_format_type: str) -> bool:
+    """Whether an array of numeric(p,s) holds every element of this BigQuery array exactly (NUMERIC into p-s >= 29
+    integer digits and s >= 9 decimals, e.g. numeric(38,9)[]): nothing to check per element."""
+    modifier = re.match(r"^numeric\((\d+),\s*(\d+)\)\[\]$", pg_format_type.strip())
+    if bq_type not in ("ARRAY<NUMERIC>", "ARRAY<INT64>") or not modifier:
+        return False
+    precision, scale = int(modifier.group(1)), int(modifier.group(2))
+    return precision - scale >= 29 and scale >= (9 if bq_type == "ARRAY<NUMERIC>" else 0)
+
+
 def mismatch(column: str, bq_type: str, pg_format_type: str) -> str | None:
     """Why this pair is refused, naming the column, both types and what is supported; None if it is supported."""
     accepted = allowed(bq_type)
+    coarse = _COARSE_TIME.match(pg_format_type.strip().lower())
+    if coarse and int(coarse.group(2)) < 6:
+        return (
+            f"column {column!r}: Postgres {pg_format_type} keeps {coarse.group(2)} fractional digits, BigQuery "
+            f"{bq_type} 6: the values would be rounded; use the type without a precision"
+        )
+    if pg_format_type.strip().endswith("[]") and "(" in pg_format_type and not _holds_numeric(bq_type, pg_format_type):
+        return (
+            f"column {column!r}: Postgres {pg_format_type} limits each element, which cannot be checked row by row: "
+            f"use {postgres_base(pg_format_type)} (unconstrained elements)"
+        )
     if postgres_base(pg_format_type) in accepted:
         return None
     if accepted:
@@ -158,8 +196,10 @@ def mismatch(column: str, bq_type: str, pg_format_type: str) -> str | None:
     )
 
 
-def key_refusal(column: str, bq_type: str) -> str | None:
+def key_refusal(column: str, bq_type: str, conflict_key: bool = False) -> str | None:
     """Why a column of this type cannot be in a conflict or order key; None if it can."""
+    if conflict_key and bq_type == "FLOAT64":  # BigQuery cannot partition by a float (the snapshot query does)
+        return f"column {column!r} of BigQuery type FLOAT64 cannot be in a conflict_key"
     if bq_type.split("<")[0] in NOT_KEYS:
         return f"column {column!r} of BigQuery type {bq_type} cannot be in a conflict_key or order_key"
     return None

@@ -21,6 +21,8 @@ from bq_backfill.models import Model
 
 _NUMERIC = re.compile(r"^numeric\((\d+),\s*(\d+)\)$")
 _VARCHAR = re.compile(r"^character varying\((\d+)\)$")
+# what Postgres's uuid input takes from BigQuery: 32 hex digits, dashed or not, optionally in braces
+_UUID = r"^\{?[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\}?$"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ def split_invalid(model: Model, rows: pa.Table, offset_column: str, numeric_roun
                     problems.append((changed, f"{column.name} has more than {scale} decimal places"))
         elif _is_text(values.type):
             problems.append((pc.match_substring(values, "\x00"), f"{column.name} contains a NUL character"))
+            if column.pg_type == "uuid" and column.name != model.tenant_column:  # the tenant's is checked by BigQuery
+                not_uuid = pc.invert(pc.match_substring_regex(values, _UUID))
+                problems.append((not_uuid, f"{column.name} is not a uuid"))
             if limit := _VARCHAR.match(column.pg_type):  # Postgres would refuse the whole chunk
                 longer = pc.greater(pc.utf8_length(values), int(limit.group(1)))
                 problems.append((longer, f"{column.name} longer than {limit.group(1)} characters"))
