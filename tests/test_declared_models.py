@@ -254,3 +254,13 @@ def test_a_value_that_is_not_a_uuid_is_quarantined_not_a_failed_chunk():
     checked = split_invalid(model, rows, "_row_offset")
 
     assert checked.rejected.offsets == [1] and checked.rejected.reasons == ["ref is not a uuid"]
+
+
+def test_setup_creates_a_target_with_renames_in_any_letter_case(pg):
+    from bq_backfill.setup import create_target
+
+    declaration = model_file.parse("m", {**EVENTS, "target_table": "renamed", "renames": {"SEQUENCE": "seq"}})
+    with pg.transaction():
+        create_target(pg, declaration, {"tenant_id": "STRING", "day": "DATE", "Sequence": "INT64"})
+    columns = pg.execute("SELECT attname::text FROM pg_attribute WHERE attrelid = 'renamed'::regclass AND attnum > 0")
+    assert sorted(c for (c,) in columns) == ["day", "seq", "tenant_id"]

@@ -114,7 +114,8 @@ def create_target(conn: psycopg.Connection, declaration: Declaration, source: Ma
     every source column), typed by the type table's default (README "Column types") or the declaration's
     create_types, the tenant column as uuid, the key columns NOT NULL and UNIQUE together."""
     d = declaration
-    by_target = {d.renames.get(s, s): (s, t) for s, t in source.items()}
+    renamed = {s.lower(): t for s, t in d.renames.items()}  # BigQuery's names are case-insensitive, as in resolve
+    by_target = {renamed.get(s.lower(), s): (s, t) for s, t in source.items()}
     lower = {name.lower(): name for name in by_target}
     wanted = list(d.selected) if d.selected is not None else list(by_target)
     columns = []
