@@ -103,13 +103,17 @@ class AirflowStack:
             time.sleep(0.5)
         else:
             raise RuntimeError(f"api-server not healthy after {timeout} s; logs in {self.home}")
-        password = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
-        token = httpx.post(f"{self.base}/auth/token", json={"username": "admin", "password": password}, timeout=10)
-        token.raise_for_status()
-        self.token = token.json()["access_token"]
+        self.token = self.login("admin")
         self.client = httpx.Client(
             base_url=f"{self.base}/api/v2", headers={"Authorization": f"Bearer {self.token}"}, timeout=30
         )
+
+    def login(self, username: str) -> str:
+        """A JWT for one of the simple auth manager's users (its generated password)."""
+        password = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())[username]
+        token = httpx.post(f"{self.base}/auth/token", json={"username": username, "password": password}, timeout=10)
+        token.raise_for_status()
+        return token.json()["access_token"]
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         assert self.client is not None

@@ -21,6 +21,7 @@ for path in (ROOT, ROOT / "plugins", ROOT / "tests"):
     sys.path.insert(0, str(path))
 
 from devtools import services  # noqa: E402
+from devtools.grpc_shuffler import ShufflingReadProxy  # noqa: E402
 from devtools.seed import PROJECT, inventory_schema  # noqa: E402
 
 os.environ.update(
@@ -48,10 +49,17 @@ os.environ.update(
 
 @pytest.fixture(scope="session")
 def bq_emulator():
-    """The BigQuery emulator (REST + Storage Read gRPC) on loopback, from its own virtualenv."""
+    """The BigQuery emulator (REST + Storage Read gRPC) on loopback, from its own virtualenv. Its Storage Read API is
+    reached through a proxy that shuffles rows and splits sessions into streams as BigQuery may (the emulator sends
+    offset order in one stream), so no test can depend on an order BigQuery does not promise."""
     with services.bigquery_emulator(PROJECT, _HOME / "bqemulator.log") as env:
+        shuffler = ShufflingReadProxy(env["storage"], seed=int(os.environ.get("BACKFILL_TEST_SHUFFLE_SEED", "0")))
+        env = {**env, "storage": shuffler.endpoint, "storage_unshuffled": env["storage"]}
         os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = services.gcp_connection(PROJECT, env)
-        yield env
+        try:
+            yield env
+        finally:
+            shuffler.close()
 
 
 @pytest.fixture(scope="session")

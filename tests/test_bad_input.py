@@ -180,9 +180,13 @@ def test_out_of_range_numbers_nul_characters_long_text_unicode_and_edge_dates(pg
     assert landed == expected  # every other value exactly as in BigQuery, edges and all
 
 
-def test_duplicate_keys_are_resolved_the_same_whatever_order_the_source_holds_them_in(pg, bq, backfill_dag):
-    """A key given three times, far apart (other chunks between them), in two load orders: the latest by the order
-    key wins; two rows tied on the whole order key resolve to the same one of them either way."""
+def test_duplicate_keys_are_resolved_the_same_whatever_order_the_source_holds_them_in(
+    pg, bq, backfill_dag, monkeypatch
+):
+    """A key given three times, far apart (other chunks between them), in two load orders, each chunk read in three
+    shuffled streams: the latest by the order key wins; two rows tied on the whole order key resolve to the same one
+    of them either way."""
+    monkeypatch.setenv("BACKFILL_READ_STREAMS", "3")
     rows = inventory_rows(SEED_TENANT, 900)
     late = dict(rows[100], quantity=Decimal("7.25"), updated_at=rows[100]["updated_at"] + timedelta(hours=1))
     early = dict(rows[100], quantity=Decimal("1.25"), updated_at=rows[100]["updated_at"] - timedelta(hours=1))

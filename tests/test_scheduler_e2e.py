@@ -59,6 +59,11 @@ def target_asset_uri(dsn: str) -> str:
 def stack(tmp_path_factory, bq_emulator, pg_admin, pg_server, pooler):
     env = {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW_CONN_")}
     env["BACKFILL_CHUNK_RETRIES"] = "0"  # a killed chunk fails for good here: the test clears it by hand
+    # the simple auth manager with per-DAG refusals (tests/probes): a viewer, and a viewer refused the backfill DAG
+    env["AIRFLOW__CORE__AUTH_MANAGER"] = "dag_scoped_auth_manager.DagScopedAuthManager"
+    env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = "admin:admin,watcher:viewer,outsider:viewer"
+    env["DAG_SCOPED_AUTH_DENY"] = f"outsider:{DAG}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests" / "probes"), os.environ.get("PYTHONPATH")]))
     home = tmp_path_factory.mktemp("airflow")
     dags = tmp_path_factory.mktemp("dags")
     for path in (ROOT / "dags").glob("*.py"):
@@ -259,6 +264,19 @@ def test_the_backfills_page_is_only_served_to_logged_in_users(pg, stack):
         timeout=10,
     )
     assert bad.status_code == 400 and "not one of" in bad.text  # only connections the deployment allows
+
+
+def test_the_backfills_page_is_served_only_to_users_the_auth_manager_lets_read_the_dags_runs(pg, stack):
+    """A viewer may watch backfills; a logged-in user whom the auth manager refuses this DAG (allowed others) is
+    refused the page and its JSON."""
+    watcher, outsider = ({"Authorization": f"Bearer {stack.login(user)}"} for user in ("watcher", "outsider"))
+    for path in ("/backfills/", "/backfills/api/jobs"):
+        assert httpx.get(f"{stack.base}{path}", headers=watcher, timeout=10).status_code == 200, path
+        refused = httpx.get(f"{stack.base}{path}", headers=outsider, timeout=10)
+        assert refused.status_code == 403, (path, refused.status_code)
+        assert "Backfills" not in refused.text and "jobs" not in refused.text
+    assert httpx.get(f"{stack.base}/api/v2/dags/{DOWNSTREAM}", headers=outsider, timeout=10).status_code == 200
+    assert httpx.get(f"{stack.base}/api/v2/dags/{DAG}", headers=outsider, timeout=10).status_code == 403
 
 
 def test_the_backfills_page_says_when_the_pool_is_missing_and_how_to_create_it(pg, stack):

@@ -10,7 +10,7 @@ import pytest
 from google.cloud import bigquery
 from helpers import INVENTORY
 
-from bq_backfill.source import BigQuerySource, LocationMismatchError, TableRef, _merged, job_labels
+from bq_backfill.source import BigQuerySource, LocationMismatchError, TableRef, job_labels
 from devtools.seed import OTHER_TENANT, PROJECT, SEED_TENANT, append_source, create_source, inventory_table
 
 MODEL = INVENTORY
@@ -136,16 +136,18 @@ def test_a_run_on_an_eu_source_sends_every_query_job_and_the_scratch_dataset_to_
     assert [d["location"] for d in datasets] == ["EU"]  # the scratch dataset, made where the source is
 
 
-def test_streams_read_side_by_side_give_every_row_once(bq):
+def test_a_chunk_read_as_bigquery_may_send_it_gives_every_row_once(bq):
+    """Reads come through the tests' shuffling proxy (conftest): rows out of order, split across the session's
+    streams, in messages of uneven sizes. A read of three streams merges them and loses or repeats no row."""
     create_source(bq, inventory_table(SEED_TENANT, 3_000))
     src = _source()
     snap = TableRef(src.project, "backfill_scratch", "snap_streams")
     src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now(), 1_000)
-    streams = []
-    for lo in (0, 1_000, 2_000):  # three sessions' streams, merged as one session's several streams are
-        schema, names = src._session(snap, f"`_row_offset` >= {lo} AND `_row_offset` < {lo + 1_000}", [], 1)
-        streams += [src._stream(name, schema) for name in names]
+    _, names = src._session(snap, "`_row_offset` >= 500 AND `_row_offset` < 2500", [], 3)
+    assert len(names) == 3
 
-    offsets = [o for batch in _merged(streams) for o in batch.column("_row_offset").to_pylist()]
+    batches = list(src.read_chunk(snap, 500, 2_500, ["_row_offset"], streams=3))
 
-    assert sorted(offsets) == list(range(3_000))
+    offsets = [o for batch in batches for o in batch.column("_row_offset").to_pylist()]
+    assert offsets != sorted(offsets) and len({b.num_rows for b in batches}) > 1
+    assert sorted(offsets) == list(range(500, 2_500))
