@@ -74,3 +74,4 @@ up: $(VENV)/.installed $(EMU_VENV)/.installed
 bench: $(VENV)/.installed $(EMU_VENV)/.installed
 	$(VENV)/bin/python -m bench.run
 	$(VENV)/bin/python -m bench.scale --shared-target 20000000 --scheduler --tenant-rows 5000000
+	$(VENV)/bin/python -m bench.fleet

@@ -247,7 +247,7 @@ def chunk_rss(chunk_size: int) -> float:
         model = resolve(declaration, target, src.source_schema(source)).model
     src.locate(source, snap.dataset)
     as_of = src.now()
-    total = src.new_snapshot(model, source, SEED_TENANT, snap, as_of, chunk_size)
+    total = src.new_snapshot(model, source, {SEED_TENANT: 0}, snap, as_of, chunk_size)[SEED_TENANT]
     with psycopg.connect(os.environ["BENCH_DSN"]) as conn:
         job, _ = ledger.claim_job(conn, ledger.RunKey("bench", f"rss-{chunk_size}"), SEED_TENANT, "inventory")
         ledger.record_model(conn, job, model, [])
@@ -262,14 +262,15 @@ def chunk_rss(chunk_size: int) -> float:
         "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/plugins'];"
         "from bq_backfill.settings import Settings; from bq_backfill.tasks.chunk import load_chunk;"
         "s = Settings.from_params(json.loads(sys.argv[2])); chunk = json.loads(sys.argv[3]);"
-        "load_chunk(s, chunk);"
+        "from bq_backfill.ledger import RunKey; load_chunk(s, RunKey('bench', 'rss'), chunk);"
         # VmHWM, not ru_maxrss: the latter keeps the forking parent's size across exec
         "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024)"
     )
     params = {"tenant_id": SEED_TENANT, "model_type": "inventory", "chunk_size": chunk_size, "dry_run": False,
               "max_rejected_rows": 0, "scratch_dataset": "backfill_scratch", "gcp_conn_id": "google_cloud_default",
               "postgres_conn_id": "postgres_default"}  # fmt: skip
-    chunk = {"job_id": job.id, "chunk_index": 1, "start": chunk_size, "end": 2 * chunk_size, "chunks": 1,
+    part = {"job_id": job.id, "tenant_id": SEED_TENANT, "start": chunk_size, "end": 2 * chunk_size}
+    chunk = {"chunk_index": 1, "start": chunk_size, "end": 2 * chunk_size, "chunks": 1, "parts": [part],
              "columns": model.as_record()}  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-c", code, str(ROOT), json.dumps(params), json.dumps(chunk)],

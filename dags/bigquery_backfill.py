@@ -1,16 +1,18 @@
 """
-### BigQuery → Postgres backfill, one tenant and model per run
+### BigQuery → Postgres backfill, one model and one tenant or a fleet of tenants per run
 
-Trigger with conf, e.g. `{"tenant_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "model_type": "inventory"}`.
+Trigger with conf, e.g. `{"tenant_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "model_type": "inventory"}`, or
+`{"tenant_ids": [...]}`, or `{"all_tenants": true, "exclude_tenant_ids": [...]}`.
 
-1. **cleanup_stale_jobs** deletes this tenant+model's stale rows in `bigquery_backfill_jobs` and
-   `backfill_source_progress` (pending/running/failed jobs of runs that are over), then claims this run's single
-   job row. Synced target rows stay.
-2. **plan_chunks** freezes a numbered snapshot of the tenant's source rows, records it on the job, and lists the
-   offset chunks still to do.
+1. **cleanup_stale_jobs** deletes each tenant+model's stale rows in `bigquery_backfill_jobs` and
+   `backfill_source_progress` (pending/running/failed jobs of runs that are over), then claims this run's job row
+   of each tenant; a tenant whose job belongs to a live run elsewhere is refused by name. Synced target rows stay.
+2. **plan_chunks** freezes one numbered snapshot of the fleet's source rows (one scan), records each tenant's part
+   on its job, and lists the offset chunks still to do: small tenants share a chunk, large ones span several.
 3. **load_chunk** (one mapped task per chunk) reads its rows from the snapshot and upserts them on the model's key;
-   the chunk's progress commits in the same transaction.
-4. **finalize** reconciles counts and keys, then marks the job completed.
+   each tenant's progress commits in the same transaction. A tenant whose rows cannot land fails its own job.
+4. **finalize** reconciles each tenant's counts and keys, then marks its job completed; the run fails naming the
+   tenants that did not complete.
 
 **Resume**: clear the failed `load_chunk` task *with downstream*. Finished chunks are skipped.
 `dry_run` logs what cleanup would delete and the chunk plan, and writes nothing.
@@ -34,6 +36,7 @@ from bq_backfill.settings import (
     allowed,
     allowlisted_param,
     default_bytes_cap,
+    max_fleet_tenants,
 )
 
 # finalize emits the target table's asset event through this alias: the table's URI depends on the run's connection
@@ -82,17 +85,24 @@ def _finalize() -> dict:
     )
     not_done = sorted(f"{t} {st}" for t, st in states.get(ctx["run_id"], {}).items() if st != "success")
     s = _settings()
-    result = _retried_if_transient(run, s, _run(), not_done)
+    cleanup = ctx["ti"].xcom_pull(task_ids="cleanup_stale_jobs") or {}
+    result = _retried_if_transient(run, s, _run(), not_done, cleanup.get("refused"))
     if result.get("asset_uri"):
-        extra = event_extra(result, s.tenant_id, s.model_type, result["job_id"])
-        ctx["outlet_events"][TARGETS].add(Asset(result["asset_uri"]), extra=extra)
+        for job in result["jobs"]:  # one event per tenant completed, as one run of it would emit
+            extra = event_extra(job, job["tenant_id"], s.model_type, job["job_id"])
+            ctx["outlet_events"][TARGETS].add(Asset(result["asset_uri"]), extra=extra)
     return result
 
 
 def _settings():
+    from airflow.sdk.exceptions import AirflowFailException
+
     from bq_backfill.settings import Settings
 
-    return Settings.from_params(get_current_context()["params"])
+    try:
+        return Settings.from_params(get_current_context()["params"])
+    except (ValueError, PermissionError) as exc:  # the conf itself: a retry would only repeat it
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _run():
@@ -111,8 +121,13 @@ def _mark_job_failed(context) -> None:
     ti = context["ti"]
     mapped = ti.map_index not in (None, -1)
     label = f"{ti.task_id}[{ti.map_index}]" if mapped else ti.task_id
+    try:
+        settings = Settings.from_params(context["params"])
+    except (ValueError, PermissionError) as exc:  # refused before any job was claimed: nothing to mark
+        logging.getLogger(__name__).error("%s failed: %s (no job of this run to mark failed)", label, exc)
+        return
     mark_job_failed(
-        Settings.from_params(context["params"]),
+        settings,
         RunKey(ti.dag_id, ti.run_id),
         label,
         context.get("exception"),
@@ -138,13 +153,35 @@ def _chunk_index(context) -> int:
         # The trigger form limits the field to a uuid's 36 characters (it checks no pattern); the API refuses any
         # other text with HTTP 400 before the run exists.
         "tenant_id": Param(
-            type="string",
+            None,
+            type=["null", "string"],
             format="uuid",
             minLength=36,
             maxLength=36,
             pattern=UUID_PATTERN,
             description="Tenant whose rows are backfilled: its uuid, 36 characters, e.g. "
-            "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee.",
+            "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee. Or leave it empty and give tenant_ids or all_tenants.",
+        ),
+        "tenant_ids": Param(
+            [],
+            type="array",
+            items={"type": "string", "minLength": 36, "maxLength": 36, "pattern": UUID_PATTERN},
+            uniqueItems=True,
+            maxItems=max_fleet_tenants(),
+            description=f"A fleet: the tenants to backfill in this one run, one uuid per line (at most "
+            f"{max_fleet_tenants()}, the deployment's max_fleet_tenants).",
+        ),
+        "all_tenants": Param(
+            False,
+            type="boolean",
+            description="Backfill every tenant in the source (but exclude_tenant_ids) in this one run.",
+        ),
+        "exclude_tenant_ids": Param(
+            [],
+            type="array",
+            items={"type": "string", "minLength": 36, "maxLength": 36, "pattern": UUID_PATTERN},
+            uniqueItems=True,
+            description="With all_tenants: tenants left out, one uuid per line.",
         ),
         "model_type": Param(
             "inventory" if "inventory" in MODELS.models else next(iter(sorted(MODELS.models)), None),
@@ -157,7 +194,8 @@ def _chunk_index(context) -> int:
             type="integer",
             minimum=100,
             maximum=1_000_000,
-            description="Rows per chunk: one task and one transaction each, read and written in slices of 20,000.",
+            description="Rows per chunk: one task and one transaction each, read and written in slices of 20,000; "
+            "raised to fit [core] max_map_length when the run has more rows.",
         ),
         "dry_run": Param(False, type="boolean", description="Log the cleanup and the plan; write nothing."),
         "max_rejected_rows": Param(
@@ -234,13 +272,13 @@ def bigquery_backfill():
     @task(
         pool=POOL,
         multiple_outputs=False,
-        map_index_template="chunk {{ task.op_kwargs['chunk']['chunk_index'] }}",
+        map_index_template="chunk {{ task.op_kwargs['chunk']['chunk_index'] }}: {{ task.op_kwargs['chunk']['label'] }}",
         **RETRIES,
     )
     def load_chunk(chunk: dict) -> dict[str, int]:
         from bq_backfill.tasks.chunk import load_chunk as run
 
-        return _retried_if_transient(run, _settings(), chunk)
+        return _retried_if_transient(run, _settings(), _run(), chunk)
 
     # also after a failed or killed chunk: the job must not stay `running`. A completed run (only) emits an asset
     # event on the model's target table, through the alias (the table's URI depends on the run's connection), and

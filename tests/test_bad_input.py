@@ -7,10 +7,10 @@ from decimal import Decimal
 
 import pytest
 from airflow.sdk.definitions.param import ParamValidationError
-from helpers import chunks, conf, jobs, scratch_tables, table_state
+from helpers import chunks, conf, jobs, table_state
 
 from bq_backfill import ledger
-from devtools.seed import SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
+from devtools.seed import OTHER_TENANT, SEED_TENANT, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
 
 INJECTION = "x'; DROP TABLE inventory_movements; --"
 
@@ -20,7 +20,11 @@ INJECTION = "x'; DROP TABLE inventory_movements; --"
     [
         ({"tenant_id": "not-a-uuid"}, "tenant_id"),
         ({"tenant_id": INJECTION}, "tenant_id"),
-        ({"tenant_id": None}, "tenant_id"),
+        ({"tenant_ids": ["not-a-uuid"]}, "tenant_ids"),
+        ({"tenant_ids": [SEED_TENANT, SEED_TENANT]}, "tenant_ids"),
+        ({"tenant_ids": SEED_TENANT}, "tenant_ids"),
+        ({"all_tenants": "yes"}, "all_tenants"),
+        ({"exclude_tenant_ids": [INJECTION]}, "exclude_tenant_ids"),
         ({"model_type": "unknown"}, "model_type"),
         ({"model_type": INJECTION}, "model_type"),
         ({"chunk_size": 0}, "chunk_size"),
@@ -74,9 +78,45 @@ def test_the_allowlists_come_from_the_deployments_configuration(airflow_db, monk
         Settings.from_params(params)
 
 
-def test_missing_tenant_is_refused(pg, backfill_dag):
-    with pytest.raises(ParamValidationError, match="tenant_id"):
-        backfill_dag.test(run_conf={"model_type": "inventory"})
+@pytest.mark.parametrize(
+    ("overrides", "refusal"),
+    [
+        ({"tenant_id": None}, r"no tenant given: set tenant_id, tenant_ids \(a list\) or all_tenants=true"),
+        ({"all_tenants": True}, "give either all_tenants or tenant_id / tenant_ids, not both"),
+        ({"tenant_ids": [SEED_TENANT.upper()]}, rf"tenant\(s\) given twice: {SEED_TENANT}"),
+        ({"exclude_tenant_ids": [OTHER_TENANT]}, "exclude_tenant_ids only applies with all_tenants=true"),
+    ],
+)
+def test_tenants_named_in_two_ways_or_not_at_all_are_refused_by_every_task(backfill_dag, overrides, refusal):
+    """What one Param cannot see alone (the form validates each on its own): refused by the settings every task
+    reads, naming the fix."""
+    from bq_backfill.settings import FleetConfError, Settings
+
+    with pytest.raises(FleetConfError, match=refusal):
+        Settings.from_params({**backfill_dag.params.dump(), **conf(**overrides)})
+
+
+def test_a_run_without_a_tenant_fails_at_cleanup_and_deletes_nothing(pg, backfill_dag, caplog):
+    ledger.apply_schema(pg)
+    legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=3)
+    before = table_state(pg, "bigquery_backfill_jobs")
+
+    dr = backfill_dag.test(run_conf={"model_type": "inventory"})
+
+    assert dr.state == "failed"
+    assert "no tenant given: set tenant_id, tenant_ids (a list) or all_tenants=true" in caplog.text
+    assert table_state(pg, "bigquery_backfill_jobs") == before
+
+
+def test_more_tenants_than_the_deployment_allows_are_refused_before_the_run_exists(airflow_db, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+    from helpers import ROOT
+
+    monkeypatch.setenv("AIRFLOW__BIGQUERY_BACKFILL__MAX_FLEET_TENANTS", "1")
+    dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("bigquery_backfill")
+
+    with pytest.raises(ParamValidationError, match="tenant_ids"):
+        dag.test(run_conf=conf(tenant_id=None, tenant_ids=[SEED_TENANT, OTHER_TENANT]))
 
 
 def test_duplicate_and_null_keys_and_a_short_last_chunk(pg, bq, backfill_dag):
@@ -124,22 +164,6 @@ def test_rejected_rows_over_the_limit_fail_the_run_after_landing_the_good_ones(p
     assert "1 rows rejected, over max_rejected_rows=0" in job["error_message"]
     assert "backfill_quarantine" in job["error_message"]
     assert target_rows(pg, SEED_TENANT) == as_tuples(rows)
-
-
-def test_too_many_chunks_fails_plan_with_the_size_that_fits(pg, bq, backfill_dag, monkeypatch, caplog):
-    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "4")
-    create_source(bq, inventory_rows(SEED_TENANT, 1_001))
-
-    dr = backfill_dag.test(run_conf=conf(chunk_size=250))
-
-    assert dr.state == "failed"
-    assert {ti.task_id: ti.state for ti in dr.get_task_instances()}["plan_chunks"] == "failed"
-    assert pg.execute("SELECT count(*) FROM inventory_movements").fetchone() == (0,)
-    message = "make 5 chunks, over [core] max_map_length (4): trigger again with chunk_size >= 251"
-    assert message in caplog.text
-    [job] = jobs(pg)  # claimed by cleanup, failed by plan with the reason, never planned
-    assert job["status"] == "failed" and message in job["error_message"] and job["total_records"] is None
-    assert scratch_tables(bq) == []  # the snapshot plan made for nothing is dropped, not left to expire
 
 
 def test_out_of_range_numbers_nul_characters_long_text_unicode_and_edge_dates(pg, bq, backfill_dag):

@@ -91,7 +91,7 @@ def test_a_run_reads_the_source_once_and_each_chunk_with_one_read_session_of_its
     # a count of the tenant's rows (billed on the tenant column alone), which decides whether the plan can run
     on_source = [j for j in sent if SOURCE_SQL in _query(j)]
     assert [bool(j["configuration"].get("dryRun")) for j in on_source] == [True, False, False]
-    assert _query(on_source[1]).startswith("SELECT COUNT(*) AS n FROM")
+    assert _query(on_source[1]).startswith("SELECT LOWER(`tenant_id`) AS t, COUNT(*) AS n FROM")
     assert "FOR SYSTEM_TIME AS OF" in _query(on_source[1]) and "WHERE `tenant_id` IN UNNEST(@tenant_ids)" in _query(
         on_source[1]
     )
@@ -137,7 +137,33 @@ def test_a_snapshot_over_the_bytes_cap_is_refused_before_anything_is_billed(pg, 
     assert p.sessions() == []
 
 
-def test_a_plan_too_long_to_map_is_refused_before_the_snapshot_query_is_billed(
+def test_a_fleet_is_read_from_the_source_by_one_snapshot_query_and_each_chunk_reads_its_own_offsets(
+    pg, bq, backfill_dag, proxies
+):
+    fleet = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(1, 6)]
+    create_source(bq, [r for i, t in enumerate(fleet) for r in inventory_rows(t, 120 * i)])
+    p = proxies()
+
+    dr = backfill_dag.test(run_conf=conf(gcp_conn_id="recorded_gcp", tenant_id=None, tenant_ids=fleet, chunk_size=500))
+
+    assert dr.state == "success"
+    billed = [j for j in p.rest.jobs() if SOURCE_SQL in _query(j) and not j["configuration"].get("dryRun")]
+    assert [_query(j).split(" ", 1)[0] for j in billed] == ["SELECT", "CREATE"]  # the count, then one snapshot
+    tenants = next(
+        q["parameterValue"]["arrayValues"]
+        for q in billed[1]["configuration"]["query"]["queryParameters"]
+        if q["name"] == "fleet_tenants"
+    )
+    assert [v["value"] for v in tenants] == fleet  # every tenant in the one query, each numbered from its base
+    restrictions = sorted(s.read_session.read_options.row_restriction for s in p.sessions())
+    assert restrictions == sorted(
+        f"`_row_offset` >= {lo} AND `_row_offset` < {hi}"
+        for lo, hi in ((0, 500), (500, 1000), (1000, 1500), (1500, 1800))
+    )  # 1,800 rows of five tenants, four chunks: each read is one partition
+    assert all(j["status"] == "completed" for t in fleet for j in jobs(pg, t))
+
+
+def test_a_plan_too_long_to_map_gets_larger_chunks_decided_before_the_snapshot_query(
     pg, bq, backfill_dag, proxies, monkeypatch, caplog
 ):
     monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "4")
@@ -146,11 +172,22 @@ def test_a_plan_too_long_to_map_is_refused_before_the_snapshot_query_is_billed(
 
     dr = backfill_dag.test(run_conf=conf(gcp_conn_id="recorded_gcp", chunk_size=250))
 
-    assert dr.state == "failed"
-    assert "make 5 chunks, over [core] max_map_length (4): trigger again with chunk_size >= 251" in caplog.text
+    assert dr.state == "success"
+    assert "would make 5 chunks, over [core] max_map_length (4): chunks of 251 instead" in caplog.text
     billed = [_query(j) for j in p.rest.jobs() if SOURCE_SQL in _query(j) and not j["configuration"].get("dryRun")]
-    assert len(billed) == 1 and billed[0].startswith("SELECT COUNT(*) AS n FROM")  # the count, no snapshot query
-    assert scratch_tables(bq) == [] and p.sessions() == []
+    assert billed[0].startswith("SELECT LOWER(`tenant_id`) AS t, COUNT(*) AS n FROM")  # the count decides
+    # the snapshot is partitioned by the chunks as they run: 4 of 251 offsets
+    assert "GENERATE_ARRAY(0, 1004000, 251)" in billed[1]
+    assert sorted(c["rows_read"] for c in chunks(pg, jobs(pg)[0]["id"])) == [248, 251, 251, 251]
+
+
+def test_a_plan_that_cannot_fit_even_the_largest_chunks_is_refused_naming_the_limit():
+    from bq_backfill.tasks.plan import fit_chunk_size
+
+    assert fit_chunk_size(1_001, 250, 4) == 251
+    assert fit_chunk_size(4_000_001, 1_000, 5_000) == 1_001  # BigQuery's 4,000 partitions bind before Airflow
+    with pytest.raises(ValueError, match=r"more than 1024 chunks \(\[core\] max_map_length\) even of 1000000 rows"):
+        fit_chunk_size(1_024_000_001, 500_000, 1_024)
 
 
 def test_a_dry_run_reports_the_estimate_and_runs_no_billed_query(pg, bq, backfill_dag, proxies, caplog):

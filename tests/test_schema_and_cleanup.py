@@ -58,7 +58,7 @@ def test_the_catalog_check_lists_exactly_what_schema_sql_creates(pg_bare):
     assert {
         "table inventory_movements",
         "column bigquery_backfill_jobs.id",
-        "index bigquery_backfill_jobs.bigquery_backfill_jobs_dag_run",
+        "index bigquery_backfill_jobs.bigquery_backfill_jobs_run_tenant",
     } <= set(ledger.missing_schema(pg, MODEL))
     ledger.apply_schema(pg)
     assert ledger.missing_schema(pg, MODEL) == ["table inventory_movements"]  # created by setup, from the source

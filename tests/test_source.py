@@ -30,8 +30,8 @@ def test_snapshot_numbers_rows_by_the_full_key_and_large_chunks_read_whole(bq):
     src = _source()
     snap = TableRef(src.project, "backfill_scratch", "snap_test")
 
-    total = src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now(), 1000)
-    assert total == 120_000
+    total = src.new_snapshot(MODEL, src.table(MODEL.source_table), {SEED_TENANT: 0}, snap, src.now(), 1000)
+    assert total == {SEED_TENANT: 120_000}
 
     cols = [*MODEL.column_names, "_row_offset"]
     chunk = pa.Table.from_batches(
@@ -49,21 +49,27 @@ def test_snapshot_is_frozen_and_recreated_identically_from_its_timestamp(bq):
     src = _source()
     as_of = src.now()
     first = TableRef(src.project, "backfill_scratch", "snap_a")
-    src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of, 1000)
+    src.new_snapshot(MODEL, src.table(MODEL.source_table), {SEED_TENANT: 0}, first, as_of, 1000)
     append_source(bq, inventory_table(SEED_TENANT, 2_500).slice(2_000))  # the source moves on after plan
 
     again = TableRef(src.project, "backfill_scratch", "snap_b")
-    total = src.keep_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, again, as_of, 1000)
-    assert total == 2_000
+    total = src.keep_snapshot(MODEL, src.table(MODEL.source_table), {SEED_TENANT: 0}, again, as_of, 1000)
+    assert total == {SEED_TENANT: 2_000}
     cols = [*MODEL.column_names, "_row_offset"]
     a = pa.Table.from_batches(list(src.read_chunk(first, 0, 2_000, cols))).sort_by("_row_offset")
     b = pa.Table.from_batches(list(src.read_chunk(again, 0, 2_000, cols))).sort_by("_row_offset")
     assert a.to_pylist() == b.to_pylist()
     # keeping an existing snapshot (a retried plan) leaves it as it is; a new one replaces it, as of its own time
     assert (
-        src.keep_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, as_of + timedelta(0), 1000) == 2_000
+        src.keep_snapshot(MODEL, src.table(MODEL.source_table), {SEED_TENANT: 0}, first, as_of + timedelta(0), 1000)[
+            SEED_TENANT
+        ]
+        == 2_000
     )
-    assert src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, first, src.now(), 1000) == 2_500
+    assert (
+        src.new_snapshot(MODEL, src.table(MODEL.source_table), {SEED_TENANT: 0}, first, src.now(), 1000)[SEED_TENANT]
+        == 2_500
+    )
 
 
 def test_the_tenant_matches_in_either_letter_case(bq):
@@ -72,7 +78,10 @@ def test_the_tenant_matches_in_either_letter_case(bq):
     src = _source()
     snap = TableRef(src.project, "backfill_scratch", "snap_case")
 
-    assert src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now(), 1000) == 1_000
+    assert (
+        src.new_snapshot(MODEL, src.table(MODEL.source_table), {SEED_TENANT: 0}, snap, src.now(), 1000)[SEED_TENANT]
+        == 1_000
+    )
     batches = src.read_tenant_keys(MODEL, src.table(MODEL.source_table), SEED_TENANT.upper())
     assert sum(b.num_rows for b in batches) == 1_000
 
@@ -124,7 +133,7 @@ def test_a_run_on_an_eu_source_sends_every_query_job_and_the_scratch_dataset_to_
     assert len(jobs) >= 3  # now, the snapshot, its count
     assert {j["jobReference"].get("location") for j in jobs} == {"EU"}
     # every job, and the snapshot table it makes, labelled for billing: dag, model, tenant and run hashes
-    labels = job_labels("bigquery_backfill", "inventory", SEED_TENANT, dr.run_id)
+    labels = job_labels("bigquery_backfill", "inventory", [SEED_TENANT], dr.run_id)
     assert all(j["configuration"]["labels"] == labels for j in jobs)
     [ctas] = [
         j["configuration"]["query"]["query"]
@@ -142,7 +151,7 @@ def test_a_chunk_read_as_bigquery_may_send_it_gives_every_row_once(bq):
     create_source(bq, inventory_table(SEED_TENANT, 3_000))
     src = _source()
     snap = TableRef(src.project, "backfill_scratch", "snap_streams")
-    src.new_snapshot(MODEL, src.table(MODEL.source_table), SEED_TENANT, snap, src.now(), 1_000)
+    src.new_snapshot(MODEL, src.table(MODEL.source_table), {SEED_TENANT: 0}, snap, src.now(), 1_000)
     _, names = src._session(snap, "`_row_offset` >= 500 AND `_row_offset` < 2500", [], 3)
     assert len(names) == 3
 

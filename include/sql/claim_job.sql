@@ -6,10 +6,11 @@ INSERT INTO bigquery_backfill_jobs AS j (
     tenant_id, model_type, status, processed_records, dag_id, dag_run_id, started_at, updated_at
 )
 VALUES (%(tenant_id)s, %(model_type)s, 'running', 0, %(dag_id)s, %(dag_run_id)s, now(), now())
-ON CONFLICT (dag_id, dag_run_id) DO UPDATE
+ON CONFLICT (dag_id, dag_run_id, tenant_id) DO UPDATE
 SET status = 'running',
     error_message = NULL,
     completed_at = NULL,
     updated_at = now()
-RETURNING id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at, model_columns,
+RETURNING id, tenant_id, status, total_records, chunk_size, source_table, snapshot_table, snapshot_at, model_columns,
+          snapshot_offset,
           (xmax = 0) AS created;

@@ -43,10 +43,15 @@ ALTER TABLE bigquery_backfill_jobs
     -- later task of the run reads and writes exactly these
     ADD COLUMN IF NOT EXISTS model_columns jsonb,
     -- the tenant's source rows left out of the snapshot because a later row (by the order key) has their key
-    ADD COLUMN IF NOT EXISTS duplicate_source_rows bigint NOT NULL DEFAULT 0;
--- A job belongs to exactly one dag run: re-running the run's tasks reuses it.
-CREATE UNIQUE INDEX IF NOT EXISTS bigquery_backfill_jobs_dag_run
-    ON bigquery_backfill_jobs (dag_id, dag_run_id);
+    ADD COLUMN IF NOT EXISTS duplicate_source_rows bigint NOT NULL DEFAULT 0,
+    -- the first offset of the tenant's rows in the run's snapshot (a fleet's tenants follow each other in it)
+    ADD COLUMN IF NOT EXISTS snapshot_offset bigint NOT NULL DEFAULT 0;
+-- A job belongs to exactly one dag run, one per tenant of the run's fleet: re-running the run's tasks reuses it.
+CREATE UNIQUE INDEX IF NOT EXISTS bigquery_backfill_jobs_run_tenant
+    ON bigquery_backfill_jobs (dag_id, dag_run_id, tenant_id);
+DROP INDEX IF EXISTS bigquery_backfill_jobs_dag_run;
+-- The Backfills page's latest jobs and runs, whatever the ledger holds.
+CREATE INDEX IF NOT EXISTS bigquery_backfill_jobs_created ON bigquery_backfill_jobs (created_at);
 -- At most one pending/running job of a dag run per tenant and model, whatever legacy rows there are.
 CREATE UNIQUE INDEX IF NOT EXISTS bigquery_backfill_jobs_one_active_run
     ON bigquery_backfill_jobs (tenant_id, model_type)

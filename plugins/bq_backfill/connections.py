@@ -11,8 +11,8 @@ worker that vanished without closing its connection.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import psycopg
 
@@ -70,6 +70,14 @@ def connect_error(message: str, exc: Exception) -> Exception:
 @contextmanager
 def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
     """A psycopg 3 connection from PostgresHook; one transaction, committed on success, rolled back on error."""
+    with postgres_transactions(conn_id) as transaction, transaction() as conn:
+        yield conn
+
+
+@contextmanager
+def postgres_transactions(conn_id: str) -> Iterator[Callable[[], AbstractContextManager[psycopg.Connection]]]:
+    """One connection for many transactions (a fleet's jobs, one after the other): each `with transaction() as
+    conn:` is one, as postgres() makes it."""
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
     settings = pg_session_settings()
@@ -87,19 +95,25 @@ def postgres(conn_id: str) -> Iterator[psycopg.Connection]:
     # Never a server-side prepared statement: behind a pooler in transaction mode the next client of the same
     # server connection would meet this one's ("prepared statement _pg3_0 already exists").
     conn.prepare_threshold = None
+
+    @contextmanager
+    def transaction() -> Iterator[psycopg.Connection]:
+        try:
+            with conn.transaction():
+                conn.execute(
+                    "SELECT " + ", ".join("set_config(%s, %s, true)" for _ in settings),
+                    [v for item in settings.items() for v in item],
+                )
+                yield conn
+        except psycopg.DatabaseError as exc:
+            if conn.broken and not isinstance(exc, psycopg.OperationalError):
+                # the session ended under the statement (a server or pooler connection cut): whatever the driver made
+                # of the last messages, the transaction is gone, and a retry can succeed
+                raise psycopg.OperationalError(f"the Postgres connection {conn_id!r} was lost: {exc}") from exc
+            raise
+
     try:
-        with conn.transaction():
-            conn.execute(
-                "SELECT " + ", ".join("set_config(%s, %s, true)" for _ in settings),
-                [v for item in settings.items() for v in item],
-            )
-            yield conn
-    except psycopg.DatabaseError as exc:
-        if conn.broken and not isinstance(exc, psycopg.OperationalError):
-            # the session ended under the statement (a server or pooler connection cut): whatever the driver made of
-            # the last messages, the transaction is gone, and a retry can succeed
-            raise psycopg.OperationalError(f"the Postgres connection {conn_id!r} was lost: {exc}") from exc
-        raise
+        yield transaction
     finally:
         conn.close()
 

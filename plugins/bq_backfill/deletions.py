@@ -44,15 +44,12 @@ def tenant_rows(conn: psycopg.Connection, model: Model, tenant_id: str) -> int:
 
 
 def load_snapshot_keys(
-    conn: psycopg.Connection, model: Model, bq: BigQuerySource, snapshot: TableRef, total: int, chunk_size: int
+    conn: psycopg.Connection, model: Model, bq: BigQuerySource, snapshot: TableRef, ranges: list[tuple[int, int]]
 ) -> None:
-    """Every key of the snapshot (NULL-keyed rows left out) in a temp table, read with one read session per chunk
-    (its own partition), a batch at a time."""
+    """Every key of the tenant's rows in the snapshot (its job's chunks' offset `ranges`; NULL-keyed rows left
+    out) in a temp table, read with one read session per chunk (its own partition), a batch at a time."""
     key_cols = list(model.conflict_key[1:])
-    ranges = range(0, total, chunk_size)
-    load_keys(
-        conn, model, (b for lo in ranges for b in bq.read_chunk(snapshot, lo, min(lo + chunk_size, total), key_cols))
-    )
+    load_keys(conn, model, (b for lo, hi in ranges for b in bq.read_chunk(snapshot, lo, hi, key_cols)))
 
 
 def load_keys(conn: psycopg.Connection, model: Model, batches: Iterable[pa.Table | pa.RecordBatch]) -> None:

@@ -42,6 +42,11 @@ class ReconciliationError(Exception):
     """The run's counts or keys do not add up: the job is not completed."""
 
 
+class FleetIncompleteError(ReconciliationError):
+    """Some tenants of the run did not complete; each one's job holds its own error, which this summary must not
+    replace."""
+
+
 class EmptySourceError(ValueError):
     """The snapshot holds no row of the tenant (a mistyped tenant, or the wrong source table)."""
 

@@ -44,9 +44,11 @@ class RunKey:
 
 @dataclass(frozen=True)
 class Job:
-    """A run's job row. The snapshot fields are None until plan_chunks has taken the snapshot."""
+    """A run's job row: one per tenant of the run's fleet. The snapshot fields are None until plan_chunks has taken
+    the snapshot; the tenant's rows in it are offsets [snapshot_offset, snapshot_offset + total_records)."""
 
     id: str
+    tenant_id: str
     status: str
     total_records: int | None
     chunk_size: int | None
@@ -56,6 +58,7 @@ class Job:
     error_message: str | None = None
     target_snapshot: str | None = None  # Postgres's pg_current_snapshot() as the plan fixed the as-of time
     model_columns: list[list[str]] | None = None  # the model's columns as cleanup resolved them (Model.as_record)
+    snapshot_offset: int = 0
 
 
 def _one(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -123,6 +126,10 @@ class ActiveRunError(RuntimeError):
 
 class LegacyLoopRunningError(ActiveRunError):
     """A job row of the old backfill loop (no dag run) changed recently: that loop is still running."""
+
+
+class ClaimRefusedError(RuntimeError):
+    """Another writer holds a pending/running job of the tenant+model."""
 
 
 class SupersededError(RuntimeError):
@@ -199,7 +206,7 @@ def claim_job(conn: psycopg.Connection, run: RunKey, tenant_id: str, model_type:
     try:
         row = _one(conn, "claim_job.sql", {"tenant_id": tenant_id, "model_type": model_type, **run.params()})
     except psycopg.errors.UniqueViolation as exc:
-        raise RuntimeError(
+        raise ClaimRefusedError(
             f"another pending/running backfill job exists for tenant {tenant_id} model {model_type!r} "
             f"(written by another writer); refusing to create a second one: {exc.diag.message_detail}"
         ) from exc
@@ -243,6 +250,7 @@ def record_plan(
     target_snapshot: str,
     estimated_bytes: int | None = None,
     duplicate_source_rows: int = 0,
+    snapshot_offset: int = 0,
 ) -> Job:
     """Records the snapshot the job reads (and BigQuery's estimate of the bytes its query bills); once per job."""
     row = _one(
@@ -258,6 +266,7 @@ def record_plan(
             "target_snapshot": target_snapshot,
             "estimated_bytes": estimated_bytes,
             "duplicate_source_rows": duplicate_source_rows,
+            "snapshot_offset": snapshot_offset,
         },
     )
     if row is None:
@@ -312,14 +321,15 @@ def _refuse_if_too_old(conn: psycopg.Connection, job: Job, max_age_hours: int) -
         )
 
 
-def find_run_job(conn: psycopg.Connection, run: RunKey) -> Job | None:
-    row = _one(conn, "find_run_job.sql", run.params())
-    return _job(row) if row else None
+def find_run_jobs(conn: psycopg.Connection, run: RunKey) -> list[Job]:
+    """The run's jobs, one per tenant of its fleet, by tenant."""
+    return [_job(row) for row in _all(conn, "find_run_job.sql", run.params())]
 
 
 def _job(row: dict[str, Any]) -> Job:
     return Job(
         id=str(row["id"]),
+        tenant_id=str(row["tenant_id"]),
         status=row["status"],
         total_records=None if row["total_records"] is None else int(row["total_records"]),
         chunk_size=None if row["chunk_size"] is None else int(row["chunk_size"]),
@@ -329,17 +339,26 @@ def _job(row: dict[str, Any]) -> Job:
         error_message=row.get("error_message"),
         target_snapshot=row.get("target_snapshot"),
         model_columns=row.get("model_columns"),
+        snapshot_offset=int(row.get("snapshot_offset") or 0),
     )
 
 
 def plan_chunks(conn: psycopg.Connection, job: Job) -> list[dict[str, int]]:
-    """Writes the job's chunk rows (once) and returns those not done yet, in order."""
+    """Writes the job's chunk rows (once) and returns those not done yet, in order. The run's chunks cut the whole
+    snapshot every chunk_size offsets; a job's chunk rows are its tenant's part of each chunk its rows are in."""
     if job.total_records is None or job.chunk_size is None:
         raise RuntimeError(f"job {job.id} has no snapshot recorded yet: plan_chunks records it")
-    chunk_count = -(-job.total_records // job.chunk_size)
+    first, size, total = job.snapshot_offset, job.chunk_size, job.total_records
     conn.execute(
         sql_text("plan_chunk_rows.sql"),
-        {"job_id": job.id, "chunk_size": job.chunk_size, "total": job.total_records, "chunk_count": chunk_count},
+        {
+            "job_id": job.id,
+            "chunk_size": size,
+            "first_offset": first,
+            "total": total,
+            "first_chunk": first // size,
+            "last_chunk": (first + total - 1) // size if total else first // size - 1,
+        },
     )
     conn.execute(sql_text("ensure_progress_row.sql"), {"job_id": job.id, "source_table": job.source_table})
     return [
@@ -405,10 +424,23 @@ def record_missing(conn: psycopg.Connection, job_id: str, missing_from_source: i
     )
 
 
-def fail_job(conn: psycopg.Connection, run: RunKey, error_message: str, chunk_index: int = -1) -> None:
+def fail_job(
+    conn: psycopg.Connection, run: RunKey, error_message: str, chunk_index: int = -1, job_id: str | None = None
+) -> None:
+    """Marks failed the run's jobs that are not completed: all of them, or only the one `job_id`, or (a chunk's
+    failure, `chunk_index` >= 0) those with that chunk not done; and that chunk of each, with the message."""
     conn.execute(
-        sql_text("fail_job.sql"), {"error_message": error_message[:4000], "chunk_index": chunk_index, **run.params()}
+        sql_text("fail_job.sql"),
+        {"error_message": error_message[:4000], "chunk_index": chunk_index, "job_id": job_id, **run.params()},
     )
+
+
+def job_chunk_ranges(conn: psycopg.Connection, job_id: str) -> list[tuple[int, int]]:
+    """The job's chunks' offset ranges [start, end), in order."""
+    rows = conn.execute(
+        "SELECT start_offset, end_offset FROM backfill_chunks WHERE job_id = %s ORDER BY chunk_index", [job_id]
+    ).fetchall()
+    return [(int(a), int(b)) for a, b in rows]
 
 
 def find_job_by_id(conn: psycopg.Connection, job_id: str) -> Job:

@@ -25,6 +25,8 @@ _PG_TYPE = re.compile(r"^[a-z][a-z0-9 ]{0,40}(\(\d{1,4}(,\s?\d{1,4})?\))?(\[\])?
 OFFSET_COLUMN = "_row_offset"
 # A source row's rank among the rows of its conflict key, latest first: the snapshot query keeps rank 1.
 LATEST_COLUMN = "_row_latest"
+# every name the snapshot query gives its own columns: no model column may have one
+SNAPSHOT_NAMES = (OFFSET_COLUMN, LATEST_COLUMN, "_row_tenant", "_row_base", "_row_i", "_row_j")
 # the package's own tables are named so: no model may write into one
 RESERVED_TABLE_PREFIXES = ("backfill_", "bigquery_backfill_")
 
@@ -128,7 +130,7 @@ class Declaration:
         for ident in names:
             if not isinstance(ident, str) or not _IDENT.match(ident):
                 raise DeclarationError(self.model_type, label, f"{ident!r} is not a plain lower-case identifier")
-            if ident in (OFFSET_COLUMN, LATEST_COLUMN):
+            if ident in SNAPSHOT_NAMES:
                 raise DeclarationError(self.model_type, label, f"{ident!r} is reserved (the snapshot query's own)")
 
     def source_name(self, column: str) -> str:
@@ -225,7 +227,7 @@ def resolve(declaration: Declaration, target: list[TargetColumn], source: Mappin
             f"source columns {lost} are not in the source table {d.source_table}: restore them in the source, or "
             "leave their target columns out of the model (its `columns:` list; README: Schema drift)"
         )
-    reserved = [c.source for c in columns if c.source.lower() in (OFFSET_COLUMN, LATEST_COLUMN)]
+    reserved = [c.source for c in columns if c.source.lower() in SNAPSHOT_NAMES]
     if reserved:
         problems.append(f"source columns {reserved} have names the snapshot query uses itself: rename them in BigQuery")
     unmatched = [s for s in d.renames if s.lower() not in source_names]

@@ -9,7 +9,7 @@ and every task checks them again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bq_backfill.models import Declaration
@@ -33,6 +33,8 @@ WRITER_ROLES_OPTION = "allowed_writer_roles"
 NUMERIC_ROUNDING = ("reject", "round")
 # a tenant id: a uuid, in either letter case
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+# the most tenants one run backfills ([bigquery_backfill] max_fleet_tenants), unless the deployment sets another
+MAX_FLEET_TENANTS = 10_000
 
 
 def allowed(param: str) -> list[str]:
@@ -89,6 +91,56 @@ def check_allowed(param: str, value: str | None) -> None:
         )
 
 
+def max_fleet_tenants() -> int:
+    """The most tenants one run may backfill ([bigquery_backfill] max_fleet_tenants; unset: MAX_FLEET_TENANTS)."""
+    from airflow.configuration import conf
+
+    value = int(conf.get(CONFIG_SECTION, "max_fleet_tenants", fallback="") or MAX_FLEET_TENANTS)
+    if value < 1:
+        raise ValueError(f"[{CONFIG_SECTION}] max_fleet_tenants must be at least 1, not {value}")
+    return value
+
+
+class FleetConfError(ValueError):
+    """The conf names no tenant, or names them in two ways, or repeats one."""
+
+
+def fleet_tenants(params: dict[str, Any]) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
+    """(the tenants named, in lower case; whether every tenant of the source is asked for; those left out of it)
+    from the conf's tenant_id, tenant_ids, all_tenants and exclude_tenant_ids, each uuid checked again (a run created
+    under an older DAG file must not outlive it)."""
+    import re
+
+    single = params.get("tenant_id") or None
+    listed = list(params.get("tenant_ids") or [])
+    every = bool(params.get("all_tenants", False))
+    excluded = list(params.get("exclude_tenant_ids") or [])
+    named = [single] if single else []
+    named += listed
+    if every and named:
+        raise FleetConfError("give either all_tenants or tenant_id / tenant_ids, not both")
+    if not every and not named:
+        raise FleetConfError("no tenant given: set tenant_id, tenant_ids (a list) or all_tenants=true")
+    if excluded and not every:
+        raise FleetConfError("exclude_tenant_ids only applies with all_tenants=true")
+    for value in (*named, *excluded):
+        if not isinstance(value, str) or not re.match(UUID_PATTERN, value):
+            raise FleetConfError(
+                f"tenant {value!r} is not a uuid (36 characters, e.g. aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee)"
+            )
+    tenants = [t.lower() for t in named]
+    repeated = sorted({t for t in tenants if tenants.count(t) > 1})
+    if repeated:
+        raise FleetConfError(f"tenant(s) given twice: {', '.join(repeated)} (a uuid is the same in either letter case)")
+    limit = max_fleet_tenants()
+    if len(tenants) > limit:
+        raise FleetConfError(
+            f"{len(tenants)} tenants, over this deployment's [{CONFIG_SECTION}] max_fleet_tenants ({limit}): split the "
+            "list into several runs"
+        )
+    return tuple(tenants), every, tuple(dict.fromkeys(t.lower() for t in excluded))
+
+
 def default_bytes_cap() -> int | None:
     """The deployment's default for the Param maximum_bytes_billed ([bigquery_backfill] maximum_bytes_billed; unset:
     no cap)."""
@@ -103,9 +155,11 @@ def _optional_int(value: Any) -> int | None:
 
 @dataclass(frozen=True)
 class Settings:
-    """The run's conf, already validated by the DAG's Params."""
+    """The run's conf, already validated by the DAG's Params. A run backfills a fleet of tenants (one tenant is a
+    fleet of one): `tenant_ids` as named, or every tenant of the source but `exclude_tenant_ids` (`all_tenants`).
+    `tenant_id` is set only on the per-tenant view a task works with (for_tenant)."""
 
-    tenant_id: str
+    tenant_ids: tuple[str, ...]
     model_type: str
     chunk_size: int
     dry_run: bool
@@ -120,11 +174,21 @@ class Settings:
     max_deleted_rows: int = 0
     maximum_bytes_billed: int | None = None  # None: no cap
     max_snapshot_age_hours: int = MAX_SNAPSHOT_AGE_HOURS
+    all_tenants: bool = False
+    exclude_tenant_ids: tuple[str, ...] = ()
+    tenant_id: str = ""
+
+    def for_tenant(self, tenant_id: str) -> Settings:
+        """These settings for one tenant of the fleet."""
+        return replace(self, tenant_id=tenant_id.lower())
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
+        tenants, every, excluded = fleet_tenants(params)
         settings = cls(
-            tenant_id=str(params["tenant_id"]).lower(),
+            tenant_ids=tenants,
+            all_tenants=every,
+            exclude_tenant_ids=excluded,
             model_type=params["model_type"],
             chunk_size=int(params["chunk_size"]),
             dry_run=bool(params["dry_run"]),

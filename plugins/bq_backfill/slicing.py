@@ -31,12 +31,27 @@ def slice_bounds(start: int, end: int, step: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, end)) for lo in range(start, end, step)]
 
 
+Ranges = list[tuple[int, int]]
+
+
 def complete_slices(
-    batches: Iterable[pa.RecordBatch], start: int, end: int, step: int, offset_column: str
+    batches: Iterable[pa.RecordBatch],
+    start: int,
+    end: int,
+    step: int,
+    offset_column: str,
+    ranges: Ranges | None = None,
+    skip: Ranges | None = None,
 ) -> Iterator[RowSlice]:
     """Slices [lo, hi) of [start, end), each yielded as soon as its last row has arrived (so not in offset order
-    when rows come out of order)."""
-    bounds = slice_bounds(start, end, step)
+    when rows come out of order). With `ranges` (disjoint, ascending, within [start, end)), only their offsets are
+    expected, each range cut into slices of its own (a fleet's chunk: one range per tenant); rows in `skip`
+    (ranges not wanted: done already) are dropped; any other offset fails the read."""
+    wanted = ranges if ranges is not None else [(start, end)]
+    bounds = [b for lo, hi in wanted for b in slice_bounds(lo, hi, step)]
+    starts = np.array([lo for lo, _ in bounds], dtype=np.int64)
+    ends = np.array([hi for _, hi in bounds], dtype=np.int64)
+    skipped = sorted(skip or [])
     parts: dict[int, list[pa.Table]] = {}
     have = [0] * len(bounds)
     for batch in batches:
@@ -49,7 +64,12 @@ def complete_slices(
         if np.any(np.diff(offsets) < 0):  # out of order: one sort, then cut as below
             order = np.argsort(offsets, kind="stable")
             table, offsets = table.take(pa.array(order)), offsets[order]
-        which = (offsets - start) // step
+        which = np.searchsorted(starts, offsets, side="right") - 1
+        inside = (which >= 0) & (offsets < ends[np.maximum(which, 0)])
+        if not inside.all():
+            table, offsets, which = _drop_skipped(table, offsets, which, inside, skipped, start, end)
+            if not len(offsets):
+                continue
         # rows of one slice are now consecutive: cut at the slice changes, zero-copy
         cuts = [0, *(np.flatnonzero(np.diff(which)) + 1).tolist(), len(which)]
         for a, b in itertools.pairwise(cuts):
@@ -68,6 +88,23 @@ def complete_slices(
             f"read of rows [{start}, {end}) ended with {len(missing)} slice(s) short, first [{lo}, {hi}): {n} rows "
             f"of {hi - lo}"
         )
+
+
+def _drop_skipped(
+    table: pa.Table, offsets: np.ndarray, which: np.ndarray, inside: np.ndarray, skipped: Ranges, start: int, end: int
+) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """The rows of wanted ranges only; rows of `skipped` ranges dropped, any other offset refused."""
+    outside = offsets[~inside]
+    dropped = np.zeros(len(outside), dtype=bool)
+    for lo, hi in skipped:
+        dropped |= (outside >= lo) & (outside < hi)
+    if not dropped.all():
+        stray = outside[~dropped]
+        raise SnapshotReadError(
+            f"read of rows [{start}, {end}) returned offsets outside the chunk's ranges ({stray.min()}..{stray.max()})"
+        )
+    keep = np.flatnonzero(inside)
+    return table.take(pa.array(keep)), offsets[keep], which[keep]
 
 
 def _finish(lo: int, hi: int, parts: list[pa.Table], offset_column: str) -> RowSlice:

@@ -15,7 +15,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -103,10 +103,10 @@ class TableRef:
 _LABEL = re.compile(r"[^a-z0-9_-]")
 
 
-def job_labels(dag_id: str, model_type: str, tenant_id: str, run_id: str) -> dict[str, str]:
+def job_labels(dag_id: str, model_type: str, tenants: Sequence[str], run_id: str) -> dict[str, str]:
     """Labels for a backfill's BigQuery jobs and snapshot table, so billing exports attribute its cost: the DAG, the
-    model, and hashes of the tenant and of the dag run (a label value must be at most 63 lower-case letters, digits,
-    '_' or '-'; a tenant id is not put in billing data as it is)."""
+    model, a hash of the tenant (a fleet: `fleet-` and its size) and of the dag run (a label value must be at most 63
+    lower-case letters, digits, '_' or '-'; a tenant id is not put in billing data as it is)."""
 
     def value(text: str) -> str:
         return _LABEL.sub("_", text.lower())[:63]
@@ -114,7 +114,11 @@ def job_labels(dag_id: str, model_type: str, tenant_id: str, run_id: str) -> dic
     return {
         "backfill_dag": value(dag_id),
         "backfill_model": value(model_type),
-        "backfill_tenant": hashlib.sha256(tenant_id.lower().encode()).hexdigest()[:16],
+        "backfill_tenant": (
+            hashlib.sha256(tenants[0].lower().encode()).hexdigest()[:16]
+            if len(tenants) == 1
+            else f"fleet-{len(tenants)}"
+        ),
         "backfill_run": hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:16],
     }
 
@@ -165,9 +169,10 @@ class LocationMismatchError(ValueError):
     """The scratch dataset is not in the source dataset's location."""
 
 
-def snapshot_name(model: Model, tenant_id: str, dag_id: str, run_id: str) -> str:
+def snapshot_name(model: Model, tenants: Sequence[str], dag_id: str, run_id: str) -> str:
     digest = hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:16]
-    return f"backfill_{model.model_type}_{tenant_id.replace('-', '')}_{digest}"
+    who = tenants[0].replace("-", "") if len(tenants) == 1 else f"fleet{len(tenants)}"
+    return f"backfill_{model.model_type}_{who}_{digest}"
 
 
 def _as_of_literal(ts: datetime) -> str:
@@ -264,25 +269,44 @@ class BigQuerySource:
         return self._scalar("SELECT CURRENT_TIMESTAMP()")
 
     def new_snapshot(
-        self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime, chunk_size: int
-    ) -> int:
-        """Creates the numbered snapshot as of `as_of`, one partition per chunk of `chunk_size` rows, replacing a
-        table of that name; returns its row count."""
-        self._create_snapshot(model, source, tenant_id, snapshot, as_of, chunk_size, replace=True)
+        self,
+        model: Model,
+        source: TableRef,
+        bases: dict[str, int],
+        snapshot: TableRef,
+        as_of: datetime,
+        chunk_size: int,
+    ) -> dict[str, int]:
+        """Creates the numbered snapshot as of `as_of` of the fleet's tenants (tenant -> its first offset, see
+        snapshot_select), one partition per chunk of `chunk_size` offsets, replacing a table of that name; returns
+        each tenant's row count in it."""
+        self._create_snapshot(model, source, bases, snapshot, as_of, chunk_size, replace=True)
         log.info("snapshot %s created from %s as of %s", snapshot, source, as_of.isoformat())
-        return self._count(snapshot)
+        return self.snapshot_counts(model, snapshot)
 
     def keep_snapshot(
-        self, model: Model, source: TableRef, tenant_id: str, snapshot: TableRef, as_of: datetime, chunk_size: int
-    ) -> int:
-        """The job's recorded snapshot: kept if it exists, made again as of the same time if not (dropped by a
-        completed run, or expired); returns its row count."""
+        self,
+        model: Model,
+        source: TableRef,
+        bases: dict[str, int],
+        snapshot: TableRef,
+        as_of: datetime,
+        chunk_size: int,
+    ) -> dict[str, int]:
+        """The run's recorded snapshot: kept if it exists, made again as of the same time if not (dropped by a
+        completed run, or expired); returns each tenant's row count in it."""
         try:
-            self._create_snapshot(model, source, tenant_id, snapshot, as_of, chunk_size, replace=False)
+            self._create_snapshot(model, source, bases, snapshot, as_of, chunk_size, replace=False)
             log.info("snapshot %s made again from %s as of %s", snapshot, source, as_of.isoformat())
         except Conflict:
             log.info("snapshot %s already exists (retried or cleared plan): reusing it", snapshot)
-        return self._count(snapshot)
+        return self.snapshot_counts(model, snapshot)
+
+    def snapshot_counts(self, model: Model, snapshot: TableRef) -> dict[str, int]:
+        """Rows per tenant (in lower case) in a snapshot: one query over its tenant column."""
+        tenant = model.tenant_column
+        query = f"SELECT LOWER(`{tenant}`) AS t, COUNT(*) AS n FROM {snapshot.sql} GROUP BY t"  # noqa: S608
+        return {row[0]: int(row[1]) for row in self._run(query)}
 
     def snapshot_query(
         self,
@@ -311,8 +335,11 @@ class BigQuerySource:
 
     @staticmethod
     def snapshot_select(model: Model, source: TableRef, as_of: datetime) -> str:
-        """The tenant's rows (bound parameter @tenant_ids, see tenant_param) as of `as_of`, one per conflict key,
-        numbered 0..N-1 by the model's full order key: the only query that reads the source table.
+        """The fleet's rows (bound parameters, see fleet_params) as of `as_of`, one per conflict key, each tenant's
+        numbered from its first offset (@fleet_bases, in the order of @fleet_tenants) by the model's full order key:
+        the only query that reads the source table. Numbered per tenant (a window partitioned by the tenant), so no
+        step sorts the whole fleet's rows at once; the first offsets come from the plan's count of each tenant's rows,
+        so a tenant whose duplicate keys are left out leaves unused offsets at the end of its range.
 
         Rows sharing a conflict key are resolved here, where the whole tenant is seen, whatever order BigQuery reads
         them in: the latest by the order key is kept, a tie on the whole order key broken by the row's other values
@@ -336,32 +363,52 @@ class BigQuerySource:
         ties = [*plain, *([f"TO_JSON_STRING(STRUCT({', '.join(other)})) DESC"] if other else [])]
         latest = ", ".join([*(f"`{model.source_name(c)}` DESC" for c in model.order_key), *ties])
         # Identifiers: validated TableRef and registry names. Values: @tenant_ids bound; AS OF is our own timestamp.
+        tenant = f"LOWER(`{model.source_name(model.tenant_column)}`)"
+        # a uuid is one tenant in either letter case: duplicates are found in the same way
+        partition = ", ".join([tenant, *key[1:]])
         return (
-            f"SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {order}) - 1 AS `{OFFSET_COLUMN}` FROM ("  # noqa: S608
-            f"SELECT {sources}, ROW_NUMBER() OVER (PARTITION BY {', '.join(key)}, IF({null_key}, {values}, NULL) "
+            f"SELECT {cols}, _row_base + ROW_NUMBER() OVER (PARTITION BY {tenant} ORDER BY {order}) - 1 "  # noqa: S608
+            f"AS `{OFFSET_COLUMN}` FROM ("
+            f"SELECT {sources}, ROW_NUMBER() OVER (PARTITION BY {partition}, IF({null_key}, {values}, NULL) "
             f"ORDER BY {latest}) AS `{LATEST_COLUMN}` "
             f"FROM {source.sql} FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
             f"WHERE `{model.source_name(model.tenant_column)}` IN UNNEST(@tenant_ids)"
-            f") WHERE `{LATEST_COLUMN}` = 1"
+            f") JOIN UNNEST(@fleet_tenants) AS _row_tenant WITH OFFSET AS _row_i ON {tenant} = _row_tenant "
+            f"JOIN UNNEST(@fleet_bases) AS _row_base WITH OFFSET AS _row_j ON _row_i = _row_j "
+            f"WHERE `{LATEST_COLUMN}` = 1"
         )
 
-    def count_tenant_rows(self, model: Model, source: TableRef, tenant_id: str, as_of: datetime) -> int:
-        """The tenant's rows in the source as of `as_of`, the snapshot's row count to be: billed on the tenant column
-        alone, so a plan that cannot run is refused before the snapshot query bills every column."""
+    def count_tenant_rows(
+        self, model: Model, source: TableRef, tenants: Sequence[str], as_of: datetime
+    ) -> dict[str, int]:
+        """Each tenant's rows in the source as of `as_of` (tenant in lower case -> rows; a tenant without rows is
+        absent): the snapshot's size to be, billed on the tenant column alone, so a plan that cannot run is refused
+        before the snapshot query bills every column."""
+        column = model.source_name(model.tenant_column)
         query = (
-            f"SELECT COUNT(*) AS n FROM {source.sql} "  # noqa: S608 (identifiers validated, the tenant bound)
+            f"SELECT LOWER(`{column}`) AS t, COUNT(*) AS n FROM {source.sql} "  # noqa: S608 (identifiers validated)
             f"FOR SYSTEM_TIME AS OF TIMESTAMP '{_as_of_literal(as_of)}' "
-            f"WHERE `{model.source_name(model.tenant_column)}` IN UNNEST(@tenant_ids)"
+            f"WHERE `{column}` IN UNNEST(@tenant_ids) GROUP BY t"
         )
-        step = (f"count the tenant's rows in {source}", f"bigquery.jobs.create, bigquery.tables.getData on {source}")
-        return int(self._scalar(query, tenant_param(tenant_id), step))
+        step = (f"count the tenants' rows in {source}", f"bigquery.jobs.create, bigquery.tables.getData on {source}")
+        return {row[0]: int(row[1]) for row in self._run(query, tenant_param(tenants), step)}
 
-    def estimate_snapshot_bytes(self, model: Model, source: TableRef, tenant_id: str) -> int:
+    def list_tenants(self, model: Model, source: TableRef) -> list[str]:
+        """Every tenant in the source now, in lower case, sorted (all_tenants): billed on the tenant column alone."""
+        column = model.source_name(model.tenant_column)
+        query = (
+            f"SELECT DISTINCT LOWER(`{column}`) AS t FROM {source.sql} "  # noqa: S608 (identifiers validated)
+            f"WHERE `{column}` IS NOT NULL ORDER BY t"
+        )
+        step = (f"list the tenants in {source}", f"bigquery.jobs.create, bigquery.tables.getData on {source}")
+        return [row[0] for row in self._run(query, None, step)]
+
+    def estimate_snapshot_bytes(self, model: Model, source: TableRef, tenants: Sequence[str]) -> int:
         """BigQuery's dry-run figure for the bytes the snapshot query reads from the source: what on-demand pricing
         bills (at least 10 MB per table). Asked for the query's read alone (the same columns of the same table, the
         same filter): BigQuery bills the columns a query reads, not what it computes from them, and the as-of time
         does not change which columns those are. A dry run is free, runs nothing and needs no scratch dataset."""
-        config = tenant_param(tenant_id)
+        config = tenant_param(tenants)
         config.dry_run = True
         config.use_query_cache = False
         cols = ", ".join(f"`{c.source}`" for c in model.columns)
@@ -374,7 +421,7 @@ class BigQuerySource:
         self,
         model: Model,
         source: TableRef,
-        tenant_id: str,
+        bases: dict[str, int],
         snapshot: TableRef,
         as_of: datetime,
         chunk_size: int,
@@ -386,15 +433,12 @@ class BigQuerySource:
             f"bigquery.jobs.create on project {self.project}, bigquery.tables.getData on {source}, and "
             f"bigquery.tables.create, bigquery.tables.updateData on dataset {snapshot.project}.{snapshot.dataset}"
         )
-        self._run(query, tenant_param(tenant_id), (f"make the snapshot {snapshot} from {source}", permissions))
+        self._run(query, fleet_params(bases), (f"make the snapshot {snapshot} from {source}", permissions))
 
     def _label_option(self) -> str:
         # label keys and values are job_labels' own: lower-case letters, digits, '_' and '-' only
         pairs = ", ".join(f'("{k}", "{v}")' for k, v in sorted(self.labels.items()))
         return f", labels=[{pairs}]" if pairs else ""
-
-    def _count(self, table: TableRef) -> int:
-        return int(self._scalar(f"SELECT COUNT(*) AS n FROM {table.sql}"))  # noqa: S608
 
     def read_chunk(
         self, snapshot: TableRef, start: int, end: int, columns: list[str], streams: int = 1
@@ -489,11 +533,28 @@ class BigQuerySource:
         return next(iter(self._run(query, config, step, page_size=1)))[0]
 
 
-def tenant_param(tenant_id: str) -> bigquery.QueryJobConfig:
+def tenant_param(tenants: Sequence[str]) -> bigquery.QueryJobConfig:
+    return bigquery.QueryJobConfig(query_parameters=[_tenant_forms(tenants)])
+
+
+def _tenant_forms(tenants: Sequence[str]) -> bigquery.ArrayQueryParameter:
     # A uuid is the same tenant in either letter case (Postgres's uuid type agrees); sources store one or the
     # other. Equality on the column itself (no LOWER()) keeps a clustered source's blocks pruned.
-    forms = list(dict.fromkeys([tenant_id.lower(), tenant_id.upper()]))
-    return bigquery.QueryJobConfig(query_parameters=[bigquery.ArrayQueryParameter("tenant_ids", "STRING", forms)])
+    forms = list(dict.fromkeys(f for t in tenants for f in (t.lower(), t.upper())))
+    return bigquery.ArrayQueryParameter("tenant_ids", "STRING", forms)
+
+
+def fleet_params(bases: dict[str, int]) -> bigquery.QueryJobConfig:
+    """@tenant_ids (both letter cases of each), and each tenant's first offset: @fleet_bases[i] for @fleet_tenants[i]
+    (two arrays of scalars: the emulator binds no array of STRUCTs)."""
+    tenants = sorted(bases)
+    return bigquery.QueryJobConfig(
+        query_parameters=[
+            _tenant_forms(tenants),
+            bigquery.ArrayQueryParameter("fleet_tenants", "STRING", tenants),
+            bigquery.ArrayQueryParameter("fleet_bases", "INT64", [bases[t] for t in tenants]),
+        ]
+    )
 
 
 def _merged(streams: list[Iterator[pa.RecordBatch]]) -> Iterator[pa.RecordBatch]:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -51,26 +51,88 @@ def read_streams() -> int:
 READERS = 3
 
 
-def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
-    model = Model.from_record(s.declaration, chunk["columns"])  # as cleanup resolved it; checked by write_guards
-    job_id, index, start, end = chunk["job_id"], chunk["chunk_index"], chunk["start"], chunk["end"]
-    label = f"chunk #{index} of {chunk['chunks']} [{start}, {end})"
+@dataclass
+class Part:
+    """One tenant's rows in a chunk: its job's chunk row, counted and proved on its own."""
 
+    job_id: str
+    tenant_id: str
+    start: int
+    end: int
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    paths: list[str] = field(default_factory=list)
+    key_proof: chunk_proofs.ChunkKeys = field(default_factory=chunk_proofs.ChunkKeys)
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+
+COUNTS = ("read", "inserted", "updated", "unchanged", "duplicate", "rejected", "rounded")
+
+
+class PartFailedError(Exception):
+    """One tenant's part of a chunk cannot land (a trigger changed its rows, Postgres refused one): the chunk's
+    transaction is undone and the chunk tried again without that part."""
+
+    def __init__(self, part: Part, message: str) -> None:
+        super().__init__(message)
+        self.part = part
+
+
+def load_chunk(s: Settings, run: ledger.RunKey, chunk: dict[str, Any]) -> dict[str, int]:
+    """Lands the chunk's parts (one per tenant) in one transaction; a part that cannot land fails its own job (named,
+    recorded on its chunk row) and the others are landed without it; then the task fails naming those tenants, so
+    clearing it tries only them again (the landed parts are done)."""
+    model = Model.from_record(s.declaration, chunk["columns"])  # as cleanup resolved it; checked by write_guards
+    index, start, end = chunk["chunk_index"], chunk["start"], chunk["end"]
+    tenants = {p["job_id"]: p["tenant_id"] for p in chunk["parts"]}
+    label = f"chunk #{index} of {chunk['chunks']} [{start}, {end})"
+    if len(tenants) > 1:
+        label += f" ({len(tenants)} tenants)"
+    refused: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    while len(refused) < len(tenants):
+        # a fresh count for each attempt: a refused part undoes the whole transaction
+        todo = [Part(p["job_id"], p["tenant_id"], p["start"], p["end"]) for p in chunk["parts"]
+                if p["job_id"] not in refused]  # fmt: skip
+        try:
+            counts = _land_chunk(s, model, chunk, todo, label)
+            break
+        except PartFailedError as exc:
+            refused[exc.part.job_id] = str(exc)
+            log.error("%s: tenant %s fails (its job): %s", label, exc.part.tenant_id, exc)
+            with postgres(s.postgres_conn_id) as conn:  # on its own: the other parts are landed again without it
+                ledger.fail_job(conn, run, f"{label}: {exc}", index, job_id=exc.part.job_id)
+    if refused and len(tenants) == 1:
+        raise PermanentChunkError(f"{label}: {next(iter(refused.values()))}")
+    if refused:
+        raise PermanentChunkError(
+            f"{label}: {len(refused)} of {len(tenants)} tenants' rows did not land (each its job's error)"
+            + (", the others did" if len(refused) < len(tenants) else "")
+            + ": "
+            + "; ".join(f"tenant {tenants[j]}: {why}" for j, why in list(refused.items())[:10])
+        )
+    return counts
+
+
+def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Part], label: str) -> dict[str, int]:
+    index = chunk["chunk_index"]
     process_memory.release_freed_buffers()  # peak memory follows what is in flight, not what passed through
     bq = bigquery(s.gcp_conn_id)
     # A chunk is one transaction, read with one Storage Read session and written a slice at a time: memory holds a
     # few slices, never the chunk, and the next slices are read, validated and digested while this one is written.
+    # Each part (tenant) is cut into slices of its own.
     step = slice_rows()
-    counts = dict.fromkeys(("read", "inserted", "updated", "unchanged", "duplicate", "rejected", "rounded"), 0)
-    paths: list[str] = []
-    read_seconds = write_seconds = 0.0
+    ranges = [(p.start, p.end) for p in parts]
+    span = (ranges[0][0], ranges[-1][1])
+    skipped = [(p["start"], p["end"]) for p in chunk["parts"] if (p["start"], p["end"]) not in ranges]
     t0 = time.monotonic()
+    current: Part | None = None
     try:
         with ExitStack() as stack:
             # Reading starts before Postgres is reached (plan passes the snapshot's name): the read session's
-            # round trips overlap the connection, the chunk's lock and the checks below.
+            # round trips overlap the connection, the chunk's locks and the checks below.
             planned = chunk.get("snapshot")
-            reader = SliceReader(bq, s, model, planned, label, start, end, step) if planned else None
+            reader = SliceReader(bq, s, model, planned, label, span, ranges, skipped, step) if planned else None
             if reader:
                 stack.enter_context(reader)
             conn = stack.enter_context(postgres(s.postgres_conn_id))
@@ -79,18 +141,6 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                 "SELECT set_config('application_name', %s, true)",
                 [f"bigquery_backfill chunk {index} pid {os.getpid()}"],
             )
-            # the chunk's row stays locked until this transaction ends: another attempt waits, then sees it done
-            if ledger.lock_chunk(conn, job_id, index) == "done":
-                log.info("%s already done: skipped, nothing written (the read started ahead is stopped)", label)
-                return {"read": 0, "skipped": 1}
-            job = ledger.find_job_by_id(conn, job_id)
-            if ledger.run_model(s.declaration, job) != model:
-                raise PermanentChunkError(
-                    f"{label}: the job's model columns changed since plan_chunks listed this chunk: clear the run "
-                    "from plan_chunks"
-                )
-            # older data never over newer
-            ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
             triggers = target_checks.write_guards(conn, model, ledger.LEDGER_TABLES)
             if triggers:
                 log.info(
@@ -99,42 +149,64 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
                     ", ".join(triggers),
                     model.target_table,
                 )
-            assert job.snapshot_table is not None
-            if reader is None or reader.snapshot != job.snapshot_table:  # the job's snapshot is the one to read
-                reader = stack.enter_context(SliceReader(bq, s, model, job.snapshot_table, label, start, end, step))
-            pieces = iter(reader)
-            key_proof = chunk_proofs.ChunkKeys()  # lets finalize check this chunk's keys without reading them
-            while True:
-                waited = time.monotonic()
-                piece = next(pieces, None)
-                read_seconds += time.monotonic() - waited
-                if piece is None:
-                    break
+            snapshot = None
+            pending: dict[int, Part] = {}
+            for part in parts:
+                # the part's chunk row stays locked until this transaction ends: another attempt waits, then sees it
+                # done
+                if ledger.lock_chunk(conn, part.job_id, index) == "done":
+                    continue
+                job = ledger.find_job_by_id(conn, part.job_id)
+                if ledger.run_model(s.declaration, job) != model:
+                    raise PermanentChunkError(
+                        f"{label}: the job's model columns changed since plan_chunks listed this chunk: clear the run "
+                        "from plan_chunks"
+                    )
+                # older data never over newer
+                ledger.refuse_old_snapshot(conn, job, part.tenant_id, s.model_type, s.max_snapshot_age_hours)
+                assert job.snapshot_table is not None
+                snapshot = job.snapshot_table
+                pending[part.start] = part
+            if not pending:
+                log.info("%s already done: skipped, nothing written (the read started ahead is stopped)", label)
+                return {"read": 0, "skipped": 1}
+            if reader is None or reader.snapshot != snapshot:  # the jobs' snapshot is the one to read
+                assert snapshot is not None
+                reader = stack.enter_context(SliceReader(bq, s, model, snapshot, label, span, ranges, skipped, step))
+            starts = sorted(pending)
+            for piece in _timed(reader, pending, starts):
+                part = current = piece[0]
                 written = time.monotonic()
-                rejected = sink.quarantine(conn, job_id, index, piece.rejected)
-                digest = piece.digest
-                proof = range_proofs.ProofKey(s.tenant_id, s.model_type, digest, job_id) if digest else None
-                landed = sink.land_rows(conn, model, s.tenant_id, piece.good, piece.keys, proof, triggers)
-                _tally(counts, piece, rejected, landed, paths)
-                key_proof.add(piece.lo, piece.keys, rejected, landed.versions)
-                del piece
-                write_seconds += time.monotonic() - written
-            path = "+".join(dict.fromkeys(paths))  # e.g. "copy", or "upsert+copy" for a chunk whose slices differ
-            timing = {"read_seconds": read_seconds, "write_seconds": write_seconds}
-            proven = key_proof.proof()
-            taken = range_proofs.epoch(conn) if proven else None
-            chunk_proof = {**proven, "epoch": taken} if proven and taken else None
-            job_state = ledger.complete_chunk(conn, job_id, index, {**counts, **timing}, path, chunk_proof)
+                _land_slice(s, conn, model, index, part, piece[1], triggers)
+                part.write_seconds += time.monotonic() - written
+            current = None
+            states = []
+            for part in pending.values():
+                path = "+".join(dict.fromkeys(part.paths))  # e.g. "copy", or "upsert+copy" for slices that differ
+                timing = {"read_seconds": part.read_seconds, "write_seconds": part.write_seconds}
+                proven = part.key_proof.proof()
+                taken = range_proofs.epoch(conn) if proven else None
+                chunk_proof = {**proven, "epoch": taken} if proven and taken else None
+                states.append(
+                    ledger.complete_chunk(conn, part.job_id, index, {**part.counts, **timing}, path, chunk_proof)
+                )
     except psycopg.OperationalError:
         raise  # connection-level: a retry can succeed
     except (sink.TargetRowsDifferError, target_checks.TargetRefusedError) as exc:
+        if current is not None:
+            raise PartFailedError(current, str(exc)) from exc
         raise PermanentChunkError(f"{label}: {exc}") from exc
     except psycopg.DatabaseError as exc:
+        if current is not None:
+            raise PartFailedError(current, f"Postgres refused its rows: {exc}".strip()) from exc
         raise PermanentChunkError(f"{label}: Postgres refused the chunk: {exc}".strip()) from exc
+    done = list(pending.values())
+    counts = {k: sum(p.counts[k] for p in done) for k in COUNTS}
     t2 = time.monotonic()
+    paths = "+".join(dict.fromkeys(x for p in done for x in p.paths))
     log.info(
         "%s: read %d · inserted %d · updated %d · unchanged %d · duplicate %d · rejected %d · rounded %d · "
-        "written by %s · %.0f rows/s (waited for BigQuery %.2f s, wrote %.2f s) · job %d/%d rows",
+        "written by %s · %.0f rows/s (waited for BigQuery %.2f s, wrote %.2f s)%s",
         label,
         counts["read"],
         counts["inserted"],
@@ -143,14 +215,42 @@ def load_chunk(s: Settings, chunk: dict[str, Any]) -> dict[str, int]:
         counts["duplicate"],
         counts["rejected"],
         counts["rounded"],
-        path,
+        paths,
         counts["read"] / max(t2 - t0, 1e-9),
-        read_seconds,
-        write_seconds,
-        job_state["processed_records"],
-        job_state["total_records"],
-    )
+        sum(p.read_seconds for p in done),
+        sum(p.write_seconds for p in done),
+        f" · job {states[0]['processed_records']}/{states[0]['total_records']} rows" if len(states) == 1 else
+        f" · {len(done)} tenants' parts done",
+    )  # fmt: skip
     return counts
+
+
+def _timed(reader: SliceReader, pending: dict[int, Part], starts: list[int]) -> Iterator[tuple[Part, Slice]]:
+    """The reader's slices of the pending parts, each with its part; the time spent waiting charged to the part."""
+    import bisect
+
+    pieces = iter(reader)
+    while True:
+        waited = time.monotonic()
+        piece = next(pieces, None)
+        if piece is None:
+            return
+        part = pending.get(starts[bisect.bisect_right(starts, piece.lo) - 1]) if starts else None
+        if part is None or not part.start <= piece.lo < part.end:
+            continue  # a part done by an earlier attempt: read along with the others, not written
+        part.read_seconds += time.monotonic() - waited
+        yield part, piece
+
+
+def _land_slice(
+    s: Settings, conn: psycopg.Connection, model: Model, index: int, part: Part, piece: Slice, triggers: tuple
+) -> None:
+    rejected = sink.quarantine(conn, part.job_id, index, piece.rejected)
+    digest = piece.digest
+    proof = range_proofs.ProofKey(part.tenant_id, s.model_type, digest, part.job_id) if digest else None
+    landed = sink.land_rows(conn, model, part.tenant_id, piece.good, piece.keys, proof, triggers)
+    _tally(part.counts, piece, rejected, landed, part.paths)
+    part.key_proof.add(piece.lo, piece.keys, rejected, landed.versions)
 
 
 @dataclass(frozen=True)
@@ -173,10 +273,20 @@ class SliceReader:
     READERS slices wait for the writer, so a slow Postgres holds the reader back instead of filling memory."""
 
     def __init__(
-        self, bq: BigQuerySource, s: Settings, model: Model, snapshot: str, label: str, start: int, end: int, step: int
+        self,
+        bq: BigQuerySource,
+        s: Settings,
+        model: Model,
+        snapshot: str,
+        label: str,
+        span: tuple[int, int],
+        ranges: slicing.Ranges,
+        skipped: slicing.Ranges,
+        step: int,
     ) -> None:
         self.snapshot, self._label, self._s, self._model = snapshot, label, s, model
-        self._range = (start, end, step)
+        self._range = (span[0], span[1], step)
+        self._ranges, self._skipped = ranges, skipped
         self._bq = bq
         self._done = object()
         self._ready: queue.Queue[Any] = queue.Queue(maxsize=READERS)
@@ -197,7 +307,8 @@ class SliceReader:
         try:
             columns = [*self._model.column_names, sink.OFFSET_COLUMN]
             batches = self._bq.read_chunk(self._bq.table(self.snapshot), start, end, columns, read_streams())
-            for rows in slicing.complete_slices(batches, start, end, step, sink.OFFSET_COLUMN):
+            cut = slicing.complete_slices(batches, start, end, step, sink.OFFSET_COLUMN, self._ranges, self._skipped)
+            for rows in cut:
                 if self._stop.is_set():
                     return
                 self._put(self._pool.submit(_prepare, self._s, self._model, rows))

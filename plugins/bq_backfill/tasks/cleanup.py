@@ -1,18 +1,20 @@
-"""cleanup_stale_jobs: the tenant+model's stale ledger rows go, after both connections and the source are checked."""
+"""cleanup_stale_jobs: each tenant+model's stale ledger rows go, after both connections and the source are checked."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 import psycopg
 
 from bq_backfill import ledger, target_checks
 from bq_backfill.connections import bigquery, postgres, source_table
-from bq_backfill.errors import SourceReadError
+from bq_backfill.errors import EmptySourceError, SourceReadError
 from bq_backfill.ledger import RunKey
-from bq_backfill.models import Resolution, resolve
-from bq_backfill.settings import Settings
+from bq_backfill.models import Model, ModelMismatchError, Resolution, resolve
+from bq_backfill.settings import FleetConfError, Settings, max_fleet_tenants
 from bq_backfill.source import BigQuerySource, TableRef
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,19 @@ def airflow_run_active(dag_id: str, run_id: str) -> bool | None:
     return False if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id]) else None
 
 
-def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = airflow_run_active) -> dict[str, int]:
-    """Deletes the tenant+model's stale jobs and claims this run's job, in one transaction: from then on no other job
-    of the tenant+model can become active (the one-active-job index), while plan_chunks takes the snapshot."""
+# Tenants cleaned and claimed per transaction: each holds an advisory lock per tenant until it commits, and a
+# server's lock table is shared by all sessions (max_locks_per_transaction x max_connections).
+CLAIM_BATCH = 200
+# What makes one tenant of a fleet unclaimable: named, and the fleet's other tenants go on
+REFUSALS = (ledger.ActiveRunError, ledger.ClaimRefusedError, ledger.SupersededError, ledger.SnapshotTooOldError,
+            ModelMismatchError)  # fmt: skip
+
+
+def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = airflow_run_active) -> dict[str, Any]:
+    """For each tenant of the run's fleet: deletes the tenant+model's stale jobs and claims this run's job, in one
+    transaction: from then on no other job of the tenant+model can become active (the one-active-job index), while
+    plan_chunks takes the snapshot. A tenant whose job belongs to a live run elsewhere (or that cannot be claimed
+    for another reason) is refused by name; the others go on. Returns the counts and the refused tenants."""
     # Both connections, the source and the target are checked before anything is deleted: a broken setup or a
     # model that no longer fits fails here.
     bq = bigquery(s.gcp_conn_id)
@@ -40,38 +52,104 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
         resolution = resolve_model(s, bq, source, conn)
         model = resolution.model
         target_checks.check_target(conn, model, ledger.LEDGER_TABLES)
-        ledger.lock_tenant_model(conn, s.tenant_id, s.model_type)
-        deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type, run_active)
-        job, created = ledger.claim_job(conn, run, s.tenant_id, s.model_type)
-        ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
-        verb = "would delete" if s.dry_run else "deleted"
-        log.info(
-            "cleanup for tenant %s model %s: %s %d stale job rows (%d pending, %d running, %d failed) "
-            "and %d progress rows; target table %s untouched",
-            s.tenant_id,
-            s.model_type,
-            verb,
-            deleted["jobs_deleted"],
-            deleted["pending_deleted"],
-            deleted["running_deleted"],
-            deleted["failed_deleted"],
-            deleted["progress_deleted"],
-            model.target_table,
+        index_exists = ledger.active_job_index_exists(conn)
+    tenants = fleet(s, bq, source, model)
+    totals: Counter[str] = Counter()
+    refused: dict[str, str] = {}
+    created = 0
+    verb = "would delete" if s.dry_run else "deleted"
+    for at in range(0, len(tenants), CLAIM_BATCH):
+        with postgres(s.postgres_conn_id) as conn:
+            for tenant in tenants[at : at + CLAIM_BATCH]:
+                try:
+                    with conn.transaction():  # a savepoint: a refused tenant undoes only its own statements
+                        deleted, new = _claim(s.for_tenant(tenant), run, conn, model, resolution, run_active)
+                except REFUSALS as exc:
+                    refused[tenant] = str(exc)
+                    log.error("tenant %s refused: %s", tenant, exc)
+                    continue
+                totals.update(deleted)
+                created += new
+                if deleted["jobs_deleted"] or deleted["progress_deleted"]:
+                    log.info(
+                        "cleanup for tenant %s model %s: %s %d stale job rows (%d pending, %d running, %d failed) "
+                        "and %d progress rows",
+                        tenant, s.model_type, verb, deleted["jobs_deleted"], deleted["pending_deleted"],
+                        deleted["running_deleted"], deleted["failed_deleted"], deleted["progress_deleted"],
+                    )  # fmt: skip
+            if s.dry_run:
+                raise psycopg.Rollback()  # the same statements, undone; the transaction block swallows it
+    if len(refused) == len(tenants):
+        if len(tenants) == 1:
+            raise next(iter(_refusal_errors(refused)))
+        raise FleetRefusedError(f"every tenant of the run was refused: {_named(refused)}")
+    claimed = len(tenants) - len(refused)
+    log.info(
+        "cleanup of %d tenant(s) model %s: %s %d stale job rows (%d pending, %d running, %d failed) and %d progress "
+        "rows; %d jobs claimed for dag run %s (%d created, %d taken back)%s; target table %s untouched",
+        len(tenants), s.model_type, verb, totals["jobs_deleted"], totals["pending_deleted"], totals["running_deleted"],
+        totals["failed_deleted"], totals["progress_deleted"], claimed, run.run_id, created, claimed - created,
+        f"; {len(refused)} refused: {_named(refused)}" if refused else "", model.target_table,
+    )  # fmt: skip
+    _log_model(s, source, resolution)
+    if not index_exists:
+        log.warning(
+            "the one-active-job index over every writer (bigquery_backfill_jobs_one_active) is not in place: "
+            "run bigquery_backfill_setup (again, if legacy duplicates blocked it: each run's cleanup removes "
+            "its own tenant+model's). This DAG's own jobs are protected by bigquery_backfill_jobs_one_active_run "
+            "meanwhile"
         )
-        log.info("job %s %s for dag run %s", job.id, "created" if created else "taken back", run.run_id)
-        ledger.record_model(conn, job, model, resolution.ignored)
-        _log_model(s, source, resolution)
-        if not ledger.active_job_index_exists(conn):
-            log.warning(
-                "the one-active-job index over every writer (bigquery_backfill_jobs_one_active) is not in place: "
-                "run bigquery_backfill_setup (again, if legacy duplicates blocked it: each run's cleanup removes "
-                "its own tenant+model's). This DAG's own jobs are protected by bigquery_backfill_jobs_one_active_run "
-                "meanwhile"
-            )
-        if s.dry_run:
-            log.info("dry run: cleanup rolled back, nothing deleted")
-            raise psycopg.Rollback()  # the same statements, undone; the transaction block swallows it
-    return deleted
+    if s.dry_run:
+        log.info("dry run: cleanup rolled back, nothing deleted")
+    return {**{k: int(v) for k, v in totals.items()}, "tenants": len(tenants), "refused": refused}
+
+
+class FleetRefusedError(RuntimeError):
+    """No tenant of the run could be claimed."""
+
+
+def _refusal_errors(refused: dict[str, str]) -> list[RuntimeError]:
+    return [RuntimeError(message) for message in refused.values()]
+
+
+def _named(refused: dict[str, str], shown: int = 10) -> str:
+    names = "; ".join(f"{t}: {why}" for t, why in list(refused.items())[:shown])
+    return names + (f"; and {len(refused) - shown} more" if len(refused) > shown else "")
+
+
+def _claim(
+    s: Settings,
+    run: RunKey,
+    conn: psycopg.Connection,
+    model: Model,
+    resolution: Resolution,
+    run_active: ledger.RunState,
+) -> tuple[dict[str, int], bool]:
+    """One tenant's cleanup and claim: its stale jobs deleted, its job for this run created or taken back."""
+    ledger.lock_tenant_model(conn, s.tenant_id, s.model_type)
+    deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type, run_active)
+    job, created = ledger.claim_job(conn, run, s.tenant_id, s.model_type)
+    ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
+    ledger.record_model(conn, job, model, resolution.ignored)
+    return deleted, created
+
+
+def fleet(s: Settings, bq: BigQuerySource, source: TableRef, model: Model) -> list[str]:
+    """The run's tenants, in lower case, sorted: those named, or every tenant in the source now but the excluded."""
+    if not s.all_tenants:
+        return sorted(s.tenant_ids)
+    excluded = set(s.exclude_tenant_ids)
+    tenants = [t for t in bq.list_tenants(model, source) if t not in excluded]
+    limit = max_fleet_tenants()
+    if len(tenants) > limit:
+        raise FleetConfError(
+            f"all_tenants: {source} holds {len(tenants)} tenants (after {len(excluded)} excluded), over this "
+            f"deployment's max_fleet_tenants ({limit}): give tenant_ids lists of at most {limit} in several runs"
+        )
+    if not tenants:
+        raise EmptySourceError(f"all_tenants: {source} holds no tenant (after {len(excluded)} excluded)")
+    log.info("all_tenants: %d tenants in %s (%d excluded)", len(tenants), source, len(excluded))
+    return tenants
 
 
 def resolve_model(s: Settings, bq: BigQuerySource, source: TableRef, conn: psycopg.Connection) -> Resolution:

@@ -6,7 +6,7 @@ import logging
 
 from bq_backfill import ledger
 from bq_backfill.connections import postgres
-from bq_backfill.errors import UpstreamNotDoneError
+from bq_backfill.errors import FleetIncompleteError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
 from bq_backfill.settings import Settings
 
@@ -18,8 +18,9 @@ def mark_job_failed(
 ) -> None:
     message = f"{task_label} failed: {error}" if error else f"{task_label} failed"
     # the task may have raised it wrapped (AirflowFailException: fail without a retry)
-    if isinstance(error, UpstreamNotDoneError) or isinstance(getattr(error, "__cause__", None), UpstreamNotDoneError):
-        log.error("%s; the job keeps the error of the task that failed first", message)
+    kept = (UpstreamNotDoneError, FleetIncompleteError)
+    if isinstance(error, kept) or isinstance(getattr(error, "__cause__", None), kept):
+        log.error("%s; each job keeps its own error", message)
         return
     try:
         with postgres(s.postgres_conn_id) as conn:

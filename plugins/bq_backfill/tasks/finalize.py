@@ -1,19 +1,20 @@
-"""finalize: reconcile the run's counts and keys, then complete the job (or fail it, naming what did not finish)."""
+"""finalize: reconcile each job's counts and keys, then complete it (or fail it, naming what did not finish)."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 
 from bq_backfill import assets, chunk_proofs, deletions, ledger, range_proofs, sink, slicing, target_checks
-from bq_backfill.connections import bigquery, postgres
-from bq_backfill.errors import ReconciliationError, UpstreamNotDoneError
+from bq_backfill.connections import bigquery, postgres, postgres_transactions
+from bq_backfill.errors import FleetIncompleteError, ReconciliationError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
-from bq_backfill.models import Model
+from bq_backfill.models import Model, ModelMismatchError
 from bq_backfill.settings import Settings
 from bq_backfill.source import BigQuerySource, TableRef
 
@@ -25,9 +26,14 @@ KEY_CHECK_ROWS = 100_000
 KEY_CHECK_THREADS = 3
 
 
-def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = None) -> dict[str, Any]:
-    """`upstream_not_done`: cleanup and plan tasks that did not succeed (e.g. "plan_chunks upstream_failed").
-    Returns the job's counts, its id and the target table's Asset URI (nothing for a dry run)."""
+def finalize(
+    s: Settings, run: RunKey, upstream_not_done: list[str] | None = None, refused: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Finalizes each tenant's job of the run on its own: a tenant whose job does not reconcile fails that job,
+    naming why, and the others still complete. Fails naming the failed tenants (and those cleanup refused) if any.
+    `upstream_not_done`: cleanup and plan tasks that did not succeed (e.g. "plan_chunks upstream_failed").
+    Returns the summed counts, the target table's Asset URI and each completed job's counts (nothing for a dry
+    run)."""
     if upstream_not_done:
         # A leaf that succeeds would make the run a success; and the failing task's own callback has recorded its
         # error on the job, which a summary of older chunk failures must not replace.
@@ -37,37 +43,110 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
     if s.dry_run:
         log.info("dry run: nothing was written, nothing to finalize")
         return {}
-    declaration = s.declaration
     with postgres(s.postgres_conn_id) as conn:
-        job = ledger.find_run_job(conn, run)
-        if job is None:
-            # fail, not skip: a skipped leaf would let Airflow call the run a success
-            raise ReconciliationError(f"no job for dag run {run.run_id}: cleanup or plan failed before creating it")
+        jobs = ledger.find_run_jobs(conn, run)
+    if not jobs:
+        # fail, not skip: a skipped leaf would let Airflow call the run a success
+        raise ReconciliationError(f"no job for dag run {run.run_id}: cleanup or plan failed before creating it")
+    bq = bigquery(s.gcp_conn_id)
+    failed: dict[str, str] = dict(refused or {})
+    done: list[dict[str, Any]] = []
+    with postgres_transactions(s.postgres_conn_id) as transaction:  # one connection, the jobs one after the other
+        for job in jobs:
+            try:
+                done.append(_finalize_job(s.for_tenant(job.tenant_id), run, bq, job, transaction))
+            except FINALIZE_REFUSALS as exc:
+                if len(jobs) == 1 and not refused:
+                    raise  # its failure callback records it on the job
+                failed[job.tenant_id] = str(exc)
+                log.error("tenant %s: %s", job.tenant_id, exc)
+                with transaction() as conn:
+                    ledger.fail_job(conn, run, f"finalize: {exc}", job_id=job.id)
+    if failed:
+        raise FleetIncompleteError(
+            f"{len(failed)} of {len(jobs) + len(refused or {})} tenants did not complete (each its job's error), "
+            f"{len(done)} did: "
+            + "; ".join(f"tenant {t}: {why}" for t, why in list(failed.items())[:10])
+            + (f"; and {len(failed) - 10} more" if len(failed) > 10 else "")
+            + (". Tenants refused at cleanup have no job in this run: trigger a new run for them" if refused else "")
+        )
+    snapshot = next((j.snapshot_table for j in jobs if j.snapshot_table), None)
+    if snapshot:
+        try:
+            bq.drop_snapshot(bq.table(snapshot))
+        except Exception as exc:  # the backfill is complete; the scratch table expires by itself (7 days)
+            log.warning(
+                "run completed, but its snapshot %s was not dropped (it expires within 7 days): %s", snapshot, exc
+            )
+    counted = [k for k, v in done[0].items() if isinstance(v, int) and not isinstance(v, bool)]
+    totals = {k: sum(int(d.get(k, 0)) for d in done) for k in counted}
+    if len(done) > 1:
+        log.info(
+            "%d tenants completed: %d rows read = %d inserted + %d updated + %d unchanged + %d duplicate + %d "
+            "rejected",
+            len(done), totals["read"], totals["inserted"], totals["updated"], totals["unchanged"], totals["duplicate"],
+            totals["rejected"],
+        )  # fmt: skip
+    first = done[0]
+    return {
+        **totals,
+        "job_id": first["job_id"],
+        "model_type": s.model_type,
+        "source_table": first["source_table"],
+        "columns": first["columns"],
+        "asset_uri": first["asset_uri"],
+        "jobs": [
+            {
+                "job_id": d["job_id"],
+                "tenant_id": d["tenant_id"],
+                **{k: d[k] for k in ("inserted", "updated", "unchanged", "rejected")},
+            }
+            for d in done
+        ],
+    }
+
+
+# What fails one tenant's job in finalize and lets the fleet's others complete
+FINALIZE_REFUSALS = (ReconciliationError, ledger.SupersededError, ledger.SnapshotTooOldError, ModelMismatchError)
+
+
+def _finalize_job(
+    s: Settings, run: RunKey, bq: BigQuerySource, job: ledger.Job, transaction: Callable[[], Any]
+) -> dict[str, Any]:
+    """One tenant's job: reconciled and completed, or failed naming why (ReconciliationError). `transaction`: the
+    finalize task's connection, one transaction each time."""
+    declaration = s.declaration
+    with transaction() as conn:
         ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
         totals = ledger.chunk_totals(conn, job.id)
+        if job.status == "completed":  # a cleared finalize of a fleet some of whose tenants had completed
+            model = ledger.run_model(declaration, job)
+            asset_uri = assets.target_uri(s.postgres_conn_id, conn, model.target_table)
+            return _result(s, job, model, totals, asset_uri)
         unfinished = ledger.unfinished_chunks(conn, job.id)
         # a chunk's proof holds row versions of the cluster that took it: used only there, and while still young
         key_proofs = {
             lo: held for lo, held in ledger.chunk_key_proofs(conn, job.id).items()
             if range_proofs.trusted(conn, held[1].get("epoch"))
         }  # fmt: skip
+        chunk_ranges = ledger.job_chunk_ranges(conn, job.id)
         legacy = ledger.legacy_jobs_during_run(conn, job.id)
         if job.snapshot_table is None:
             if job.status == "failed":  # plan's own failure callback said why: keep its message
                 raise ReconciliationError(f"job {job.id} failed before it was planned: {job.error_message}")
             message = "plan_chunks did not record a snapshot (it failed or did not run)"
-            ledger.fail_job(conn, run, message)
+            ledger.fail_job(conn, run, message, job_id=job.id)
             raise ReconciliationError(f"job {job.id}: {message}")
         model = ledger.run_model(declaration, job)
         if unfinished:
             # Runs whatever happened upstream (trigger rule all_done): a chunk task killed before its own
             # failure callback ran must not leave the job `running`.
-            message = f"{len(unfinished)} of {totals['chunks']} chunks did not finish: " + "; ".join(
+            message = f"{len(unfinished)} of {len(chunk_ranges)} chunks did not finish: " + "; ".join(
                 f"#{c['chunk_index']} [{c['start_offset']}, {c['end_offset']}) "
                 + (c["error_message"] or "no error recorded (task killed or lost); clear it to run it again")
                 for c in unfinished[:10]
             )
-            ledger.fail_job(conn, run, message)
+            ledger.fail_job(conn, run, message, job_id=job.id)
     if unfinished:
         raise ReconciliationError(f"job {job.id}: {message}")
     if legacy:
@@ -80,7 +159,6 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
     assert job.total_records is not None  # recorded with the snapshot
     problems = _count_problems(totals, job.total_records)
 
-    bq = bigquery(s.gcp_conn_id)
     snapshot = bq.table(job.snapshot_table)
     if not problems:
         # Every key of the snapshot must be in the target. A chunk that proved its key range (chunk_proofs) is checked
@@ -100,8 +178,8 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
                 missing = sink.missing_keys(conn, model, s.tenant_id, job.id, ordered)
             return rows.lo, (missing, distinct, _key(first, key_cols), _key(last, key_cols))
 
-        def check_chunk(lo: int) -> list[tuple[int, Range]]:
-            hi = min(lo + chunk_size, total)
+        def check_chunk(bounds: tuple[int, int]) -> list[tuple[int, Range]]:
+            lo, hi = bounds
             if lo in key_proofs:
                 rows_read, proof = key_proofs[lo]
                 with postgres(s.postgres_conn_id) as conn:
@@ -118,13 +196,12 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
                     f"job {job.id}: snapshot {snapshot}: {exc}: the snapshot changed since the chunks read it"
                 ) from exc
 
-        total, chunk_size = job.total_records, job.chunk_size or job.total_records or 1
-        chunks = -(-total // chunk_size)
+        total, chunks = job.total_records, len(chunk_ranges)
         # Every chunk proved its range: one aggregate over all of the tenant's rows can show at once that every
         # chunk's rows are still there and that the tenant has no other row (nothing to count for deletions).
         exact = False
         if len(key_proofs) == chunks and totals["rejected"] == 0:
-            with postgres(s.postgres_conn_id) as conn:
+            with transaction() as conn:
                 proofs = [proof for _, proof in key_proofs.values()]
                 exact = chunk_proofs.tenant_holds_only(conn, model, s.tenant_id, proofs)
         if exact:
@@ -132,7 +209,7 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
             log.info("key check: the tenant's target rows are its %d chunks' proven rows, no more", chunks)
         else:
             with ThreadPoolExecutor(KEY_CHECK_THREADS, thread_name_prefix="key-check") as pool:
-                checked = [r for part in pool.map(check_chunk, range(0, total, chunk_size)) for r in part]
+                checked = [r for part in pool.map(check_chunk, chunk_ranges) for r in part]
             ranges = [result for _, result in sorted(checked, key=lambda r: r[0])]
             missing = sum(r[0] for r in ranges)
             snapshot_keys = _distinct_keys(ranges)
@@ -151,23 +228,16 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
             f"job {job.id}: {totals['rejected']} rows rejected, over max_rejected_rows={s.max_rejected_rows}; "
             f"see backfill_quarantine WHERE job_id = '{job.id}'"
         )
-    with postgres(s.postgres_conn_id) as conn:
+    with transaction() as conn:
         # Deletions in the source: counted always, deleted on request, in the transaction that completes the job.
         rejected = totals["rejected"]
-        gone, deleted = _missing_from_source(s, model, conn, bq, job, snapshot, rejected, snapshot_keys, exact)
+        gone, deleted = _missing_from_source(
+            s, model, conn, bq, job, snapshot, chunk_ranges, rejected, snapshot_keys, exact
+        )
         ledger.complete_job(conn, job.id, gone, deleted)
         # the ranges as this run left them; earlier runs' proofs describe states since replaced
         dropped = range_proofs.keep_only(conn, s.tenant_id, s.model_type, job.id)
         asset_uri = assets.target_uri(s.postgres_conn_id, conn, model.target_table)
-    try:
-        bq.drop_snapshot(snapshot)
-    except Exception as exc:  # the backfill is complete; the scratch table expires by itself (7 days)
-        log.warning(
-            "job %s completed, but its snapshot %s was not dropped (it expires within 7 days): %s",
-            job.id,
-            snapshot,
-            exc,
-        )
     log.info(
         "job %s completed: %d rows read = %d inserted + %d updated + %d unchanged + %d duplicate + %d rejected "
         "(%d with a number rounded); every source key is in %s; %s target rows of the tenant not in the source "
@@ -185,9 +255,14 @@ def finalize(s: Settings, run: RunKey, upstream_not_done: list[str] | None = Non
         deleted,
         dropped,
     )
+    return _result(s, job, model, totals, asset_uri)
+
+
+def _result(s: Settings, job: ledger.Job, model: Model, totals: dict[str, int], asset_uri: str) -> dict[str, Any]:
     return {
         **totals,
         "job_id": job.id,
+        "tenant_id": s.tenant_id,
         "model_type": s.model_type,
         "source_table": job.source_table,
         "columns": model.as_record(),
@@ -237,6 +312,7 @@ def _missing_from_source(
     bq: BigQuerySource,
     job: ledger.Job,
     snapshot: TableRef,
+    ranges: list[tuple[int, int]],
     rejected: int,
     snapshot_keys: int | None,
     exact: bool,
@@ -255,7 +331,7 @@ def _missing_from_source(
         return 0, 0
     if rejected == 0 and snapshot_keys is not None and deletions.tenant_rows(conn, model, s.tenant_id) == snapshot_keys:
         return 0, 0
-    deletions.load_snapshot_keys(conn, model, bq, snapshot, job.total_records, job.chunk_size or job.total_records or 1)
+    deletions.load_snapshot_keys(conn, model, bq, snapshot, ranges)
     gone, later = deletions.count_missing(conn, model, s.tenant_id, job.target_snapshot)
     log.info(
         "%d target rows of tenant %s have a key that is not in the source (deleted there since an earlier sync)%s",

@@ -18,97 +18,157 @@ from bq_backfill.ledger import RunKey
 from bq_backfill.models import Model
 from bq_backfill.settings import Settings
 from bq_backfill.source import MAX_SNAPSHOT_PARTITIONS, BigQuerySource, TableRef, job_labels, snapshot_name
-from bq_backfill.tasks.cleanup import resolve_model
+from bq_backfill.tasks.cleanup import fleet, resolve_model
 
 log = logging.getLogger(__name__)
+MAX_CHUNK_SIZE = 1_000_000  # the Param chunk_size's maximum: a chunk task's memory grows with it
 
 
 def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str, Any]]:
+    """The run's chunks still to do. A chunk is a range of the run's snapshot, which holds the fleet's tenants one
+    after the other: a small tenant shares a chunk with others, a large one spans several. Each chunk lists its
+    parts, one per tenant (its job) with rows in it."""
     bq = bigquery(s.gcp_conn_id)
-    bq.labels = job_labels(run.dag_id, s.model_type, s.tenant_id, run.run_id)
     bq.maximum_bytes_billed = s.maximum_bytes_billed
     source = source_table(s, bq)
     if s.dry_run:
-        with postgres(s.postgres_conn_id) as conn:  # a dry run's cleanup recorded nothing
-            model = resolve_model(s, bq, source, conn).model
-        bq.locate(source, s.scratch_dataset, create=False)
-        estimate = bq.estimate_snapshot_bytes(model, source, s.tenant_id)
-        log.info("dry run: %s", _bytes_line(estimate, s.maximum_bytes_billed))
-        # One read of the tenant's key columns, streamed into a temp table (gone with the transaction: nothing
-        # written), gives both its row count and what the target holds beyond it.
-        read = [0]
-
-        def counted(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-            for batch in batches:
-                read[0] += batch.num_rows
-                yield batch
-
-        with postgres(s.postgres_conn_id) as conn:
-            deletions.load_keys(conn, model, counted(bq.read_tenant_keys(model, source, s.tenant_id)))
-            gone = deletions.count_all_missing(conn, model, s.tenant_id)
-        total = read[0]
-        chunks = -(-total // s.chunk_size)
-        log.info(
-            "dry run: tenant %s has %d rows in %s; plan would be %d chunks of %d rows (max_map_length %d); "
-            "nothing written",
-            s.tenant_id,
-            total,
-            source,
-            chunks,
-            s.chunk_size,
-            max_map_length,
-        )
-        log.info(
-            "dry run: %d target rows of tenant %s in %s have a key that is not in %s now (deleted there since an "
-            "earlier sync)%s",
-            gone,
-            s.tenant_id,
-            model.target_table,
-            source,
-            "; delete_missing would delete those written before its plan" if gone else "",
-        )
-        _check_chunk_count(total, s.chunk_size, max_map_length)
+        _dry_run(s, run, bq, source, max_map_length)
         return []
-
     with postgres(s.postgres_conn_id) as conn:
-        job = ledger.find_run_job(conn, run)
-        if job is None:
+        jobs = ledger.find_run_jobs(conn, run)
+        if not jobs:
             raise LookupError(
                 f"dag run {run.run_id} has no job: a later run's cleanup deleted it, or cleanup_stale_jobs did not "
                 "run; trigger a new run (or clear this run from cleanup_stale_jobs)"
             )
-        # also when plan alone is cleared
-        ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
-    model = ledger.run_model(s.declaration, job)
-    if job.snapshot_table is None:
-        job = _take_snapshot(s, run, bq, source, job, model, max_map_length)
+        for job in jobs:  # also when plan alone is cleared
+            ledger.refuse_old_snapshot(conn, job, job.tenant_id, s.model_type, s.max_snapshot_age_hours)
+    bq.labels = job_labels(run.dag_id, s.model_type, [j.tenant_id for j in jobs], run.run_id)
+    model = ledger.run_model(s.declaration, jobs[0])
+    planned = [j for j in jobs if j.snapshot_table is not None]
+    if not planned:
+        jobs = _take_snapshot(s, run, bq, source, jobs, model, max_map_length)
     else:  # a retried or cleared plan keeps the first plan's snapshot, chunking and offsets
-        assert job.snapshot_at is not None and job.chunk_size is not None
-        if job.chunk_size != s.chunk_size:
-            log.info("run already planned with chunk_size %d: keeping it", job.chunk_size)
-        snapshot = bq.table(job.snapshot_table)
-        bq.locate(source, snapshot.dataset)
-        total = bq.keep_snapshot(model, source, s.tenant_id, snapshot, job.snapshot_at, job.chunk_size)
-        if total != job.total_records:
-            raise RuntimeError(f"snapshot {snapshot} now has {total} rows but job {job.id} planned {job.total_records}")
-    assert job.total_records is not None and job.chunk_size is not None
-
+        jobs = _keep_snapshot(s, run, bq, source, jobs, planned, model)
     with postgres(s.postgres_conn_id) as conn:
-        todo = ledger.plan_chunks(conn, job)
-    chunks = -(-job.total_records // job.chunk_size)
+        todo = {job.id: ledger.plan_chunks(conn, job) for job in jobs if job.snapshot_table is not None}
+    chunks = _merged_chunks(jobs, todo)
+    size = next(j.chunk_size for j in jobs if j.chunk_size)
+    total = sum(j.total_records or 0 for j in jobs)
+    count = len({i for j in jobs for i in _chunk_indexes(j)})
     log.info(
-        "job %s: %d rows in %d chunks of %d; %d chunks to do, %d already done",
-        job.id,
-        job.total_records,
-        chunks,
-        job.chunk_size,
-        len(todo),
-        chunks - len(todo),
-    )
+        "%d tenant(s), %d rows in %d chunks of %d offsets; %d chunks to do, %d already done",
+        len(jobs), total, count, size, len(chunks), count - len(chunks),
+    )  # fmt: skip
     # The snapshot's name and the model's columns let a chunk start reading before it reaches Postgres (it still
-    # checks the snapshot against the job, and the columns against the target).
+    # checks the snapshot against each job, and the columns against the target).
     columns = model.as_record()
-    return [{"job_id": job.id, "chunks": chunks, "snapshot": job.snapshot_table, "columns": columns, **c} for c in todo]
+    snapshot = next(j.snapshot_table for j in jobs if j.snapshot_table)
+    return [{"chunks": count, "snapshot": snapshot, "columns": columns, **c} for c in chunks]
+
+
+def _chunk_indexes(job: ledger.Job) -> range:
+    if not job.total_records or not job.chunk_size:
+        return range(0)
+    first = job.snapshot_offset // job.chunk_size
+    return range(first, (job.snapshot_offset + job.total_records - 1) // job.chunk_size + 1)
+
+
+def _merged_chunks(jobs: list[ledger.Job], todo: dict[str, list[dict[str, int]]]) -> list[dict[str, Any]]:
+    """The run's chunks not done, each with its parts (job, tenant, offsets), by chunk index; and a label naming
+    its tenants and offsets (the mapped task's name in the grid)."""
+    tenants = {j.id: j.tenant_id for j in jobs}
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    for job_id, parts in todo.items():
+        for part in parts:
+            by_index.setdefault(part["chunk_index"], []).append(
+                {"job_id": job_id, "tenant_id": tenants[job_id], "start": part["start"], "end": part["end"]}
+            )
+    chunks = []
+    for index in sorted(by_index):
+        parts = sorted(by_index[index], key=lambda p: p["start"])
+        start, end = parts[0]["start"], parts[-1]["end"]
+        chunks.append({"chunk_index": index, "start": start, "end": end, "parts": parts, "label": _label(parts)})
+    return chunks
+
+
+def _label(parts: list[dict[str, Any]]) -> str:
+    first = parts[0]
+    if len(parts) == 1:
+        return f"tenant {first['tenant_id']} [{first['start']}, {first['end']})"
+    last = parts[-1]
+    return f"{len(parts)} tenants {first['tenant_id'][:8]}…{last['tenant_id'][:8]} [{first['start']}, {last['end']})"
+
+
+def _dry_run(s: Settings, run: RunKey, bq: BigQuerySource, source: TableRef, max_map_length: int) -> None:
+    with postgres(s.postgres_conn_id) as conn:  # a dry run's cleanup recorded nothing
+        model = resolve_model(s, bq, source, conn).model
+    tenants = fleet(s, bq, source, model)
+    bq.labels = job_labels(run.dag_id, s.model_type, tenants, run.run_id)
+    bq.locate(source, s.scratch_dataset, create=False)
+    estimate = bq.estimate_snapshot_bytes(model, source, tenants)
+    log.info("dry run: %s", _bytes_line(estimate, s.maximum_bytes_billed))
+    total = 0
+    for tenant in tenants:
+        # One read of the tenant's key columns, streamed into a temp table (gone with the transaction: nothing
+        # written), gives both its row count and what the target holds beyond it.
+        read = [0]
+        with postgres(s.postgres_conn_id) as conn:
+            deletions.load_keys(conn, model, _counted(bq.read_tenant_keys(model, source, tenant), read))
+            gone = deletions.count_all_missing(conn, model, tenant)
+        total += read[0]
+        log.info("dry run: tenant %s has %d rows in %s", tenant, read[0], source)
+        log.info(
+            "dry run: %d target rows of tenant %s in %s have a key that is not in %s now (deleted there since an "
+            "earlier sync)%s",
+            gone, tenant, model.target_table, source,
+            "; delete_missing would delete those written before its plan" if gone else "",
+        )  # fmt: skip
+    size = fit_chunk_size(total, s.chunk_size, max_map_length)
+    log.info(
+        "dry run: %d tenant(s), %d rows; plan would be %d chunks of %d rows (max_map_length %d); nothing written",
+        len(tenants), total, -(-total // size), size, max_map_length,
+    )  # fmt: skip
+
+
+def _counted(batches: Iterator[pa.RecordBatch], read: list[int]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        read[0] += batch.num_rows
+        yield batch
+
+
+def _keep_snapshot(
+    s: Settings,
+    run: RunKey,
+    bq: BigQuerySource,
+    source: TableRef,
+    jobs: list[ledger.Job],
+    planned: list[ledger.Job],
+    model: Model,
+) -> list[ledger.Job]:
+    """The first plan's snapshot, made again if it is gone; each planned job's rows checked against it. A job the
+    first plan did not plan (its tenant had no rows) stays out."""
+    first = planned[0]
+    assert first.snapshot_at is not None and first.chunk_size is not None and first.snapshot_table is not None
+    if first.chunk_size != s.chunk_size:
+        log.info("run already planned with chunk_size %d: keeping it", first.chunk_size)
+    snapshot = bq.table(first.snapshot_table)
+    bq.locate(source, snapshot.dataset)
+    bases = {j.tenant_id: j.snapshot_offset for j in planned}
+    counts = bq.keep_snapshot(model, source, bases, snapshot, first.snapshot_at, first.chunk_size)
+    for job in planned:
+        if counts.get(job.tenant_id, 0) != job.total_records:
+            raise RuntimeError(
+                f"snapshot {snapshot} now has {counts.get(job.tenant_id, 0)} rows of tenant {job.tenant_id} but job "
+                f"{job.id} planned {job.total_records}"
+            )
+    unplanned = [j for j in jobs if j.snapshot_table is None]
+    if unplanned:
+        with postgres(s.postgres_conn_id) as conn:
+            for job in unplanned:
+                why = f"tenant {job.tenant_id} had no row in {source} when this run was planned"
+                ledger.fail_job(conn, run, why, job_id=job.id)
+    return jobs
 
 
 def _take_snapshot(
@@ -116,12 +176,14 @@ def _take_snapshot(
     run: RunKey,
     bq: BigQuerySource,
     source: TableRef,
-    job: ledger.Job,
+    jobs: list[ledger.Job],
     model: Model,
     max_map_length: int,
-) -> ledger.Job:
-    """A new snapshot as of now, recorded on the job; dropped again if the plan cannot go on with it."""
-    snapshot = TableRef(bq.project, s.scratch_dataset, snapshot_name(model, s.tenant_id, run.dag_id, run.run_id))
+) -> list[ledger.Job]:
+    """A new snapshot of the fleet as of now, recorded on each tenant's job; dropped again if the plan cannot go on
+    with it."""
+    tenants = [j.tenant_id for j in jobs]
+    snapshot = TableRef(bq.project, s.scratch_dataset, snapshot_name(model, tenants, run.dag_id, run.run_id))
     location = bq.locate(source, s.scratch_dataset)  # before any query: a mismatch fails here
     log.info(
         "source %s and scratch dataset %s are in %s: every query job runs there", source, s.scratch_dataset, location
@@ -133,19 +195,31 @@ def _take_snapshot(
     # before the snapshot query is sent: nothing is billed for a refused run. Without one it is only reported, so it
     # is asked for while the snapshot is made (a dry run takes a round trip; the emulator even runs the query).
     with ThreadPoolExecutor(1, thread_name_prefix="dry-run") as pool:
-        estimating = pool.submit(bq.estimate_snapshot_bytes, model, source, s.tenant_id)
+        estimating = pool.submit(bq.estimate_snapshot_bytes, model, source, tenants)
         if s.maximum_bytes_billed is not None:
             estimate = estimating.result()
             log.info("%s", _bytes_line(estimate, s.maximum_bytes_billed))
             _check_bytes(estimate, s.maximum_bytes_billed, source)
         # The plan's size decides whether it can run at all: known from a count billed on the tenant column alone,
-        # before the snapshot query bills every column.
-        expected = bq.count_tenant_rows(model, source, s.tenant_id, as_of)
-        _check_source_rows(expected, s, source, as_of)
-        _check_chunk_count(expected, s.chunk_size, max_map_length)
+        # before the snapshot query bills every column. It also gives each tenant its first offset.
+        expected = bq.count_tenant_rows(model, source, tenants, as_of)
+        empty = [t for t in tenants if not expected.get(t)]
+        if empty and not s.allow_empty_source:
+            if len(empty) == len(tenants):
+                _check_source_rows(0, s, source, as_of, empty)
+            log.error(
+                "%d tenant(s) have no row in %s as of %s: their jobs fail, the others go on: %s",
+                len(empty), source, as_of, ", ".join(empty[:20]) + (" …" if len(empty) > 20 else ""),
+            )  # fmt: skip
+        bases, offset = {}, 0
+        for tenant in tenants:
+            if expected.get(tenant) or s.allow_empty_source:
+                bases[tenant] = offset
+                offset += expected.get(tenant, 0)
+        chunk_size = fit_chunk_size(offset, s.chunk_size, max_map_length)
         started = time.monotonic()
         # Replaces a table of that name left by an earlier attempt: its as-of time was never recorded, so unused.
-        total = bq.new_snapshot(model, source, s.tenant_id, snapshot, as_of, s.chunk_size)
+        counts = bq.new_snapshot(model, source, bases, snapshot, as_of, chunk_size)
         if s.maximum_bytes_billed is None:
             try:
                 estimate = estimating.result()
@@ -154,62 +228,85 @@ def _take_snapshot(
                 raise
             log.info("%s", _bytes_line(estimate, None))
     log.info(
-        "snapshot %s: %d rows of tenant %s as of %s (%.1f s)",
-        snapshot,
-        total,
-        s.tenant_id,
-        as_of,
-        time.monotonic() - started,
-    )
+        "snapshot %s: %d rows of %d tenant(s) as of %s (%.1f s)",
+        snapshot, sum(counts.values()), len(bases), as_of, time.monotonic() - started,
+    )  # fmt: skip
     try:
-        if total > expected:
-            raise RuntimeError(
-                f"snapshot {snapshot} holds {total} rows, but {source} held {expected} rows of tenant {s.tenant_id} "
-                f"as of {as_of:%Y-%m-%d %H:%M:%S%z}: BigQuery's time travel gave two answers; trigger again"
-            )
-        if total < expected:
-            log.warning(
-                "%d rows of tenant %s in %s share their conflict key (%s) with a later row by the order key (%s): "
-                "the latest of each key is in the snapshot, the others are not written (duplicate_source_rows)",
-                expected - total, s.tenant_id, source, ", ".join(model.conflict_key), ", ".join(model.order_key),
-            )  # fmt: skip
-        with postgres(s.postgres_conn_id) as conn:
-            return ledger.record_plan(
-                conn,
-                job,
-                total_records=total,
-                chunk_size=s.chunk_size,
-                source_table=str(source),
-                snapshot_table=str(snapshot),
-                snapshot_at=as_of,
-                target_snapshot=target_snapshot,
-                estimated_bytes=estimate,
-                duplicate_source_rows=expected - total,
-            )
+        for tenant in bases:
+            got, had = counts.get(tenant, 0), expected.get(tenant, 0)
+            if got > had:
+                raise RuntimeError(
+                    f"snapshot {snapshot} holds {got} rows of tenant {tenant}, but {source} held {had} as of "
+                    f"{as_of:%Y-%m-%d %H:%M:%S%z}: BigQuery's time travel gave two answers; trigger again"
+                )
+            if got < had:
+                log.warning(
+                    "%d rows of tenant %s in %s share their conflict key (%s) with a later row by the order key "
+                    "(%s): the latest of each key is in the snapshot, the others are not written "
+                    "(duplicate_source_rows)",
+                    had - got, tenant, source, ", ".join(model.conflict_key), ", ".join(model.order_key),
+                )  # fmt: skip
+        recorded = []
+        with postgres(s.postgres_conn_id) as conn:  # every job's plan in one transaction: all planned, or none
+            for job in jobs:
+                if job.tenant_id not in bases:
+                    why = _empty_message(source, as_of, job.tenant_id) + " (the fleet's other tenants go on)"
+                    ledger.fail_job(conn, run, why, job_id=job.id)
+                    recorded.append(job)
+                    continue
+                recorded.append(
+                    ledger.record_plan(
+                        conn,
+                        job,
+                        total_records=counts.get(job.tenant_id, 0),
+                        chunk_size=chunk_size,
+                        source_table=str(source),
+                        snapshot_table=str(snapshot),
+                        snapshot_at=as_of,
+                        target_snapshot=target_snapshot,
+                        estimated_bytes=estimate,
+                        duplicate_source_rows=expected.get(job.tenant_id, 0) - counts.get(job.tenant_id, 0),
+                        snapshot_offset=bases[job.tenant_id],
+                    )
+                )
+        return recorded
     except BaseException:
         bq.drop_snapshot(snapshot)  # no job refers to it: nothing else would ever drop it
         raise
 
 
-def _check_source_rows(total: int, s: Settings, source: TableRef, as_of: datetime) -> None:
-    if total == 0 and not s.allow_empty_source:
-        raise EmptySourceError(
-            f"{source} holds no row of tenant {s.tenant_id} as of {as_of:%Y-%m-%d %H:%M:%S%z} "
-            f"(tenant_id matched as {s.tenant_id!r} or {s.tenant_id.upper()!r}): check tenant_id and "
-            "source_table; to complete a run with no rows on purpose, trigger with allow_empty_source=true"
-        )
-
-
-def _check_chunk_count(total: int, chunk_size: int, max_map_length: int) -> None:
-    chunks = -(-total // chunk_size)
+def fit_chunk_size(total: int, chunk_size: int, max_map_length: int) -> int:
+    """`chunk_size`, or the least size that keeps the run's chunks within [core] max_map_length and BigQuery's
+    partitions per job (one per chunk); refused past MAX_CHUNK_SIZE."""
     limit, what = max_map_length, "[core] max_map_length"
     if MAX_SNAPSHOT_PARTITIONS < limit:
         limit, what = MAX_SNAPSHOT_PARTITIONS, "BigQuery's limit of partitions one job writes (one per chunk)"
-    if chunks > limit:
-        need = -(-total // limit)
+    need = max(chunk_size, -(-total // limit))
+    if need > MAX_CHUNK_SIZE:
         raise ValueError(
-            f"{total} rows in chunks of {chunk_size} make {chunks} chunks, over {what} ({limit}): trigger again "
-            f"with chunk_size >= {need}"
+            f"{total} rows make more than {limit} chunks ({what}) even of {MAX_CHUNK_SIZE} rows: back the fleet "
+            f"up in several runs of at most {limit * MAX_CHUNK_SIZE} rows, or raise {what}"
+        )
+    if need != chunk_size:
+        log.info(
+            "%d rows in chunks of %d would make %d chunks, over %s (%d): chunks of %d instead",
+            total, chunk_size, -(-total // chunk_size), what, limit, need,
+        )  # fmt: skip
+    return need
+
+
+def _empty_message(source: TableRef, as_of: datetime, tenant: str) -> str:
+    return (
+        f"{source} holds no row of tenant {tenant} as of {as_of:%Y-%m-%d %H:%M:%S%z} "
+        f"(tenant_id matched as {tenant!r} or {tenant.upper()!r}): check tenant_id and "
+        "source_table; to complete a run with no rows on purpose, trigger with allow_empty_source=true"
+    )
+
+
+def _check_source_rows(total: int, s: Settings, source: TableRef, as_of: datetime, tenants: list[str]) -> None:
+    if total == 0 and not s.allow_empty_source:
+        raise EmptySourceError(
+            "; ".join(_empty_message(source, as_of, t) for t in tenants[:5]) + (" …" if len(tenants) > 5 else "")
         )
 
 

@@ -73,10 +73,12 @@ def create_app() -> FastAPI:
         tenant_id: Annotated[str | None, Query(pattern=UUID_PATTERN)] = None,
         conn_id: str | None = None,
         limit: Annotated[int, Query(ge=1, le=100)] = 50,
+        dag_run_id: Annotated[str | None, Query(max_length=250)] = None,
+        status: Annotated[str | None, Query(pattern="^(pending|running|failed|completed)$")] = None,
     ) -> dict[str, Any]:
         from bq_backfill.connections import postgres
         from bq_backfill.settings import allowed
-        from bq_backfill.ui.jobs import latest_jobs
+        from bq_backfill.ui.jobs import latest_jobs, latest_runs
 
         allowed_ids = allowed("postgres_conn_id")
         conn_id = conn_id or ("postgres_default" if "postgres_default" in allowed_ids else allowed_ids[0])
@@ -88,7 +90,9 @@ def create_app() -> FastAPI:
             with postgres(conn_id) as conn:  # one transaction, as every connection of the package: pooler-safe
                 conn.execute("SET TRANSACTION READ ONLY")
                 conn.execute("SELECT set_config('statement_timeout', '10s', true)")
-                rows = latest_jobs(conn, tenant_id.lower() if tenant_id else None, limit)
+                tenant = tenant_id.lower() if tenant_id else None
+                rows = latest_jobs(conn, tenant, limit, dag_id=DAG_ID, dag_run_id=dag_run_id, status=status)
+                runs = latest_runs(conn, DAG_ID)
         except psycopg.errors.UndefinedTable as exc:
             raise HTTPException(
                 503, f"no backfill ledger behind connection {conn_id!r} ({exc}): run the DAG bigquery_backfill_setup"
@@ -97,6 +101,6 @@ def create_app() -> FastAPI:
             raise HTTPException(503, f"Postgres connection {conn_id!r} is not answering: {exc}") from exc
         except (LookupError, PermissionError) as exc:  # not defined, unknown database or role, refused password
             raise HTTPException(503, f"Postgres connection {conn_id!r} cannot be used: {exc}") from exc
-        return {"dag_id": DAG_ID, "conn_id": conn_id, "problems": deployment_problems(), "jobs": rows}
+        return {"dag_id": DAG_ID, "conn_id": conn_id, "problems": deployment_problems(), "runs": runs, "jobs": rows}
 
     return app

@@ -13,14 +13,43 @@ ACTIVE = ("pending", "running")
 MAX_JOBS = 100
 
 
-def latest_jobs(conn: Any, tenant_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """The latest `limit` jobs (at most MAX_JOBS), newest first, as the page shows them."""
+MAX_RUNS = 10
+STATUSES = ("pending", "running", "failed", "completed")
+
+
+def latest_jobs(
+    conn: Any,
+    tenant_id: str | None = None,
+    limit: int = 50,
+    *,
+    dag_id: str = "bigquery_backfill",
+    dag_run_id: str | None = None,
+    status: str | None = None,
+) -> list[dict[str, Any]]:
+    """The latest `limit` jobs (at most MAX_JOBS), newest first, as the page shows them: of one tenant, one dag run
+    (a fleet's tenants), one status, if asked."""
     limit = max(1, min(int(limit), MAX_JOBS))
+    params = {"tenant_id": tenant_id, "limit": limit, "dag_id": dag_id, "dag_run_id": dag_run_id, "status": status}
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql_text("ui_jobs.sql"), {"tenant_id": tenant_id, "limit": limit})
+        cur.execute(sql_text("ui_jobs.sql"), params)
         rows = cur.fetchall()
     now = datetime.now(UTC)
     return [_shown(row, now) for row in rows]
+
+
+def latest_runs(conn: Any, dag_id: str = "bigquery_backfill", limit: int = MAX_RUNS) -> list[dict[str, Any]]:
+    """The latest dag runs, newest first, each with its tenants counted by status (done, running, failed,
+    pending), its rows done of its total, rows/s and ETA for the whole fleet."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql_text("ui_runs.sql"), {"dag_id": dag_id, "limit": max(1, min(int(limit), MAX_RUNS))})
+        rows = cur.fetchall()
+    now = datetime.now(UTC)
+    shown = []
+    for row in rows:
+        status = "running" if row["running"] or row["pending"] else "failed" if row["failed"] else "completed"
+        ended = None if status == "running" else row["completed_at"]  # a fleet's rate runs until its last tenant
+        shown.append(_shown({**row, "status": status, "completed_at": ended}, now))
+    return shown
 
 
 def _shown(row: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -37,7 +66,7 @@ def _shown(row: dict[str, Any], now: datetime) -> dict[str, Any]:
         eta_seconds=round(eta) if eta is not None else None,
         percent=round(100 * done / total, 1) if total else (100.0 if row["status"] == "completed" else None),
         active=row["status"] in ACTIVE,
-        paths=row["paths"] or [],
-        reasons=row["reasons"] or [],
+        paths=row.get("paths") or [],
+        reasons=row.get("reasons") or [],
     )
     return out
