@@ -56,6 +56,14 @@ def test_a_fleet_lands_every_tenant_on_its_own_job_in_chunks_shared_and_split(pg
     assert parts[0][2:] == (0, 30) and parts[1][2:] == (30, 250)
     label = next(ti.rendered_map_index for ti in dr.get_task_instances() if ti.task_id == "load_chunk")
     assert "tenants" in label and "[" in label
+    # one Asset event per tenant, its counts as extra, as one run of that tenant would emit
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        extras = [e.extra for e in session.query(AssetEvent).filter_by(source_run_id=dr.run_id)]
+    assert {e["tenant_id"]: e["inserted"] for e in extras} == dict(zip(FLEET, SIZES, strict=True))
+    assert len(extras) == len(FLEET)
 
 
 def test_a_fleet_run_again_with_nothing_changed_rewrites_no_row(pg, bq, backfill_dag):
