@@ -141,7 +141,7 @@ def test_a_fleet_is_read_from_the_source_by_one_snapshot_query_and_each_chunk_re
     pg, bq, backfill_dag, proxies
 ):
     fleet = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(1, 6)]
-    create_source(bq, [r for i, t in enumerate(fleet) for r in inventory_rows(t, 120 * i)])
+    create_source(bq, [r for i, t in enumerate(fleet, start=1) for r in inventory_rows(t, 120 * i)])
     p = proxies()
 
     dr = backfill_dag.test(run_conf=conf(gcp_conn_id="recorded_gcp", tenant_id=None, tenant_ids=fleet, chunk_size=500))
