@@ -3,6 +3,8 @@ each tenant's job on its own (counts, failure, resume), and a tenant refused or 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from airflow_run import clear_with_downstream, drive
 from helpers import chunks, conf, jobs, table_state, ti_states
@@ -154,6 +156,21 @@ def test_a_named_tenant_without_rows_fails_its_job_and_the_others_complete(pg, b
     assert job["status"] == "failed" and f"holds no row of tenant {missing}" in job["error_message"]
     for tenant in FLEET[:2]:
         assert target_rows(pg, tenant) == as_tuples(rows[tenant])
+
+
+def test_a_jobs_chunk_rows_are_its_part_of_each_chunk_of_the_runs_snapshot(pg):
+    """A tenant of 5,000 rows from offset 30,000 of the run's snapshot, chunks of 4,000: its parts of chunks 7 and 8
+    (offsets past a smallint's range: the statement's arithmetic is bigint whatever the driver binds small ints as)."""
+    job, _ = ledger.claim_job(pg, ledger.RunKey("bigquery_backfill", "parts"), FLEET[0], "inventory")
+    snapshot = pg.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+    job = ledger.record_plan(
+        pg, job, total_records=5_000, chunk_size=4_000, source_table="analytics.inventory_movements",
+        snapshot_table="p.d.t", snapshot_at=datetime.now(UTC), target_snapshot=snapshot, snapshot_offset=30_000,
+    )  # fmt: skip
+
+    todo = ledger.plan_chunks(pg, job)
+
+    assert [(c["chunk_index"], c["start"], c["end"]) for c in todo] == [(7, 30_000, 32_000), (8, 32_000, 35_000)]
 
 
 @pytest.mark.parametrize("tenants", [2_000])
