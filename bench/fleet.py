@@ -122,7 +122,8 @@ def main() -> int:
         f"| one run per tenant (median of {args.sample} × {args.tenants}) | {result['one_run_per_tenant_s']:.0f} | "
         f"{result['one_run_per_tenant_s'] / result['ceiling_copy_s']:.0f}× |\n\n"
         f"one fleet run is {result['speedup_vs_one_run_per_tenant']:.0f}× faster than one run per tenant\n"
-        + "stages (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["stages_s"].items())
+        + "stages (median s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result["stages_s"].items())
     )
     path = OUT / "results.json"
     OUT.mkdir(parents=True, exist_ok=True)
