@@ -11,7 +11,7 @@ from helpers import chunks, conf, jobs, table_state, ti_states
 from psycopg import sql
 
 from bq_backfill import ledger
-from devtools.seed import as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
+from devtools.seed import append_source, as_tuples, create_source, inventory_rows, legacy_jobs, target_rows
 
 SIZES = [30, 700, 5, 260, 1]  # chunks of 250: tenants share a chunk, the 700-row one spans four
 FLEET = [f"{i:08x}-0000-4000-8000-00000000000{i}" for i in range(1, len(SIZES) + 1)]
@@ -117,6 +117,38 @@ def test_a_tenant_whose_rows_cannot_land_fails_its_own_job_and_clearing_finishes
         assert table_state(pg, "inventory_movements", "tenant_id = %s", (tenant,)) == state
 
 
+def test_two_tenants_refused_in_one_chunk_keep_their_own_errors_and_a_cleared_plan_lands_them_around_the_done_one(
+    pg, bq, backfill_dag
+):
+    """Chunk 2 holds the end of FLEET[1], all of FLEET[2] and the start of FLEET[3]. The first and last are refused
+    (each by a constraint of its own), the middle one lands; each refused job keeps its own error. Clearing from
+    plan_chunks lists only the two refused parts of chunk 2, around the done one: they land, nothing else rewritten."""
+    rows = _source(bq)
+    for name, tenant, product in (("refuse_one", FLEET[1], "P0000600"), ("refuse_two", FLEET[3], "P0000005")):
+        check = "ALTER TABLE inventory_movements ADD CONSTRAINT {} CHECK (NOT (tenant_id = {} AND product_code = {}))"
+        pg.execute(sql.SQL(check).format(sql.Identifier(name), sql.Literal(tenant), sql.Literal(product)))
+
+    dr = backfill_dag.test(run_conf=_fleet_conf())
+
+    assert dr.state == "failed"
+    one, two = jobs(pg, FLEET[1])[0], jobs(pg, FLEET[3])[0]
+    assert one["status"] == two["status"] == "failed"
+    assert "refuse_one" in one["error_message"] and "refuse_two" not in one["error_message"]
+    assert "refuse_two" in two["error_message"] and "refuse_one" not in two["error_message"]
+    assert target_rows(pg, FLEET[2]) == as_tuples(rows[FLEET[2]])
+    landed = table_state(pg, "inventory_movements", "tenant_id <> ALL(%s::uuid[])", ([FLEET[1], FLEET[3]],))
+
+    pg.execute("ALTER TABLE inventory_movements DROP CONSTRAINT refuse_one, DROP CONSTRAINT refuse_two")
+    clear_with_downstream(backfill_dag, dr.run_id, ["plan_chunks"], only_failed=False)
+    dr = drive(backfill_dag, dr.run_id)
+
+    assert dr.state == "success"
+    for tenant in FLEET:
+        assert target_rows(pg, tenant) == as_tuples(rows[tenant]), tenant
+        assert jobs(pg, tenant)[0]["status"] == "completed"
+    assert table_state(pg, "inventory_movements", "tenant_id <> ALL(%s::uuid[])", ([FLEET[1], FLEET[3]],)) == landed
+
+
 def test_a_tenant_busy_elsewhere_is_refused_by_name_and_the_others_complete(pg, bq, backfill_dag, caplog):
     rows = _source(bq)
     ledger.apply_schema(pg)
@@ -134,12 +166,14 @@ def test_a_tenant_busy_elsewhere_is_refused_by_name_and_the_others_complete(pg, 
         assert jobs(pg, tenant)[0]["status"] == "completed"
 
 
-def test_all_tenants_backfills_every_tenant_of_the_source_but_the_excluded(pg, bq, backfill_dag):
+def test_all_tenants_backfills_every_tenant_of_the_source_but_the_excluded(pg, bq, backfill_dag, caplog):
     rows = _source(bq)
+    append_source(bq, inventory_rows("test-tenant", 3))  # not a uuid: left out, and said so
 
     dr = backfill_dag.test(run_conf=conf(tenant_id=None, all_tenants=True, exclude_tenant_ids=[FLEET[0].upper()]))
 
     assert dr.state == "success"
+    assert "1 values of" in caplog.text and "'test-tenant'" in caplog.text
     assert target_rows(pg, FLEET[0]) == [] and jobs(pg, FLEET[0]) == []
     for tenant in [*FLEET[1:], OUTSIDER]:
         assert target_rows(pg, tenant) == as_tuples(rows[tenant]), tenant

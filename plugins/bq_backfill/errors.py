@@ -9,6 +9,11 @@ class PermanentChunkError(Exception):
     """An error that a retry cannot fix (bad data, a constraint, a trigger): fail now, clear when fixed."""
 
 
+class PartsFailedError(PermanentChunkError):
+    """Some tenants' parts of a chunk did not land, the others did; each failed part's job holds its own error,
+    which this summary must not replace."""
+
+
 class SourceReadError(Exception):
     """Reading a chunk from BigQuery failed; transient or not as its cause is."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -18,7 +19,7 @@ import pyarrow as pa
 
 from bq_backfill import chunk_proofs, ledger, process_memory, range_proofs, sink, slicing, target_checks, target_rows
 from bq_backfill.connections import bigquery, postgres
-from bq_backfill.errors import PermanentChunkError, SourceReadError
+from bq_backfill.errors import PartsFailedError, PermanentChunkError, SourceReadError
 from bq_backfill.models import Model
 from bq_backfill.settings import Settings
 from bq_backfill.source import BigQuerySource
@@ -105,7 +106,7 @@ def load_chunk(s: Settings, run: ledger.RunKey, chunk: dict[str, Any]) -> dict[s
     if refused and len(tenants) == 1:
         raise PermanentChunkError(f"{label}: {next(iter(refused.values()))}")
     if refused:
-        raise PermanentChunkError(
+        raise PartsFailedError(
             f"{label}: {len(refused)} of {len(tenants)} tenants' rows did not land (each its job's error)"
             + (", the others did" if len(refused) < len(tenants) else "")
             + ": "
@@ -124,7 +125,8 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
     step = slice_rows()
     ranges = [(p.start, p.end) for p in parts]
     span = (ranges[0][0], ranges[-1][1])
-    skipped = [(p["start"], p["end"]) for p in chunk["parts"] if (p["start"], p["end"]) not in ranges]
+    # between the pending parts: parts done (a plan cleared lists only the others), parts refused, unused offsets
+    skipped = [(a[1], b[0]) for a, b in itertools.pairwise(ranges) if a[1] < b[0]]
     t0 = time.monotonic()
     current: Part | None = None
     try:
@@ -154,7 +156,11 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
             for part in parts:
                 # the part's chunk row stays locked until this transaction ends: another attempt waits, then sees it
                 # done
-                if ledger.lock_chunk(conn, part.job_id, index) == "done":
+                state = ledger.lock_chunk(conn, part.job_id, index)
+                if state == "done":
+                    continue
+                if state is None:  # its job was deleted since (a later run's cleanup): nothing of it to write
+                    log.warning("%s: tenant %s's job %s is gone: its part skipped", label, part.tenant_id, part.job_id)
                     continue
                 job = ledger.find_job_by_id(conn, part.job_id)
                 if ledger.run_model(s.declaration, job) != model:
@@ -163,7 +169,12 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
                         "from plan_chunks"
                     )
                 # older data never over newer
-                ledger.refuse_old_snapshot(conn, job, part.tenant_id, s.model_type, s.max_snapshot_age_hours)
+                try:
+                    ledger.refuse_old_snapshot(conn, job, part.tenant_id, s.model_type, s.max_snapshot_age_hours)
+                except (ledger.SupersededError, ledger.SnapshotTooOldError) as exc:
+                    if len(parts) == 1:
+                        raise
+                    raise PartFailedError(part, str(exc)) from exc
                 assert job.snapshot_table is not None
                 snapshot = job.snapshot_table
                 pending[part.start] = part

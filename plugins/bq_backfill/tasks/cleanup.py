@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import replace
 from typing import Any
@@ -14,10 +15,11 @@ from bq_backfill.connections import bigquery, postgres, source_table
 from bq_backfill.errors import EmptySourceError, SourceReadError
 from bq_backfill.ledger import RunKey
 from bq_backfill.models import Model, ModelMismatchError, Resolution, resolve
-from bq_backfill.settings import FleetConfError, Settings, max_fleet_tenants
+from bq_backfill.settings import UUID_PATTERN, FleetConfError, Settings, max_fleet_tenants
 from bq_backfill.source import BigQuerySource, TableRef
 
 log = logging.getLogger(__name__)
+UUID = re.compile(UUID_PATTERN)
 
 
 def airflow_run_active(dag_id: str, run_id: str) -> bool | None:
@@ -56,6 +58,7 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
     tenants = fleet(s, bq, source, model)
     totals: Counter[str] = Counter()
     refused: dict[str, str] = {}
+    errors: dict[str, Exception] = {}
     created = 0
     verb = "would delete" if s.dry_run else "deleted"
     for at in range(0, len(tenants), CLAIM_BATCH):
@@ -65,7 +68,7 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
                     with conn.transaction():  # a savepoint: a refused tenant undoes only its own statements
                         deleted, new = _claim(s.for_tenant(tenant), run, conn, model, resolution, run_active)
                 except REFUSALS as exc:
-                    refused[tenant] = str(exc)
+                    refused[tenant], errors[tenant] = str(exc), exc
                     log.error("tenant %s refused: %s", tenant, exc)
                     continue
                 totals.update(deleted)
@@ -81,7 +84,7 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
                 raise psycopg.Rollback()  # the same statements, undone; the transaction block swallows it
     if len(refused) == len(tenants):
         if len(tenants) == 1:
-            raise next(iter(_refusal_errors(refused)))
+            raise next(iter(errors.values()))
         raise FleetRefusedError(f"every tenant of the run was refused: {_named(refused)}")
     claimed = len(tenants) - len(refused)
     log.info(
@@ -106,10 +109,6 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
 
 class FleetRefusedError(RuntimeError):
     """No tenant of the run could be claimed."""
-
-
-def _refusal_errors(refused: dict[str, str]) -> list[RuntimeError]:
-    return [RuntimeError(message) for message in refused.values()]
 
 
 def _named(refused: dict[str, str], shown: int = 10) -> str:
@@ -139,7 +138,15 @@ def fleet(s: Settings, bq: BigQuerySource, source: TableRef, model: Model) -> li
     if not s.all_tenants:
         return sorted(s.tenant_ids)
     excluded = set(s.exclude_tenant_ids)
-    tenants = [t for t in bq.list_tenants(model, source) if t not in excluded]
+    bq.maximum_bytes_billed = s.maximum_bytes_billed  # the listing bills the tenant column: under the run's cap too
+    listed = bq.list_tenants(model, source)
+    tenants = [t for t in listed if UUID.match(t) and t not in excluded]
+    strays = [t for t in listed if not UUID.match(t)]
+    if strays:
+        log.warning(
+            "all_tenants: %d values of %s's tenant column are not uuids and are left out (e.g. %s)",
+            len(strays), source, ", ".join(repr(t) for t in strays[:5]),
+        )  # fmt: skip
     limit = max_fleet_tenants()
     if len(tenants) > limit:
         raise FleetConfError(

@@ -6,7 +6,7 @@ import logging
 
 from bq_backfill import ledger
 from bq_backfill.connections import postgres
-from bq_backfill.errors import FleetIncompleteError, UpstreamNotDoneError
+from bq_backfill.errors import FleetIncompleteError, PartsFailedError, UpstreamNotDoneError
 from bq_backfill.ledger import RunKey
 from bq_backfill.settings import Settings
 
@@ -18,7 +18,7 @@ def mark_job_failed(
 ) -> None:
     message = f"{task_label} failed: {error}" if error else f"{task_label} failed"
     # the task may have raised it wrapped (AirflowFailException: fail without a retry)
-    kept = (UpstreamNotDoneError, FleetIncompleteError)
+    kept = (UpstreamNotDoneError, FleetIncompleteError, PartsFailedError)
     if isinstance(error, kept) or isinstance(getattr(error, "__cause__", None), kept):
         log.error("%s; each job keeps its own error", message)
         return

@@ -117,12 +117,12 @@ def _finalize_job(
     finalize task's connection, one transaction each time."""
     declaration = s.declaration
     with transaction() as conn:
-        ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
         totals = ledger.chunk_totals(conn, job.id)
         if job.status == "completed":  # a cleared finalize of a fleet some of whose tenants had completed
             model = ledger.run_model(declaration, job)
             asset_uri = assets.target_uri(s.postgres_conn_id, conn, model.target_table)
             return _result(s, job, model, totals, asset_uri)
+        ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
         unfinished = ledger.unfinished_chunks(conn, job.id)
         # a chunk's proof holds row versions of the cluster that took it: used only there, and while still young
         key_proofs = {

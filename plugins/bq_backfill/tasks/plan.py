@@ -41,8 +41,9 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
                 f"dag run {run.run_id} has no job: a later run's cleanup deleted it, or cleanup_stale_jobs did not "
                 "run; trigger a new run (or clear this run from cleanup_stale_jobs)"
             )
-        for job in jobs:  # also when plan alone is cleared
-            ledger.refuse_old_snapshot(conn, job, job.tenant_id, s.model_type, s.max_snapshot_age_hours)
+        for job in jobs:  # also when plan alone is cleared; a completed tenant has nothing left to write
+            if job.status != "completed":
+                ledger.refuse_old_snapshot(conn, job, job.tenant_id, s.model_type, s.max_snapshot_age_hours)
     bq.labels = job_labels(run.dag_id, s.model_type, [j.tenant_id for j in jobs], run.run_id)
     model = ledger.run_model(s.declaration, jobs[0])
     planned = [j for j in jobs if j.snapshot_table is not None]
