@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import psycopg
 import pyarrow as pa
 
-from bench.run import HOME, OUT, ceiling, load_dag, reset_target, say
+from bench.run import OUT, bench_services, ceiling, load_dag, reset_target, say
 from devtools import services
-from devtools.seed import PROJECT, append_source, bq_client, create_source, inventory_table
+from devtools.seed import append_source, create_source, inventory_table
 
 
 def fleet_tenants(n: int) -> list[str]:
@@ -62,14 +59,7 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=10, help="tenants run one at a time per round")
     args = parser.parse_args()
     tenants = fleet_tenants(args.tenants)
-    with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
-        dsn = services.recreate_database(admin, "backfill_bench")
-        os.environ["BENCH_DSN"] = dsn
-        os.environ["AIRFLOW_CONN_POSTGRES_DEFAULT"] = services.airflow_conn_uri(dsn)
-        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = services.gcp_connection(PROJECT, emu)
-        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-        client = bq_client(emu["rest"])
-        client.create_dataset("analytics", exists_ok=True)
+    with bench_services() as (admin, dsn, _, client):
         tables = [inventory_table(t, args.tenant_rows, seed=i) for i, t in enumerate(tenants)]
         rows = pa.concat_tables(tables)
         step = max(1, 1_000_000 // args.tenant_rows)  # a million rows per load

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = Path(tempfile.mkdtemp(prefix="bq_backfill_bench_"))
@@ -280,10 +281,9 @@ def chunk_rss(chunk_size: int) -> float:
 
 
 @contextmanager
-def seeded_services(source_rows: int = SOURCE_ROWS) -> Iterator[tuple[str, str, dict, pa.Table]]:
-    """Postgres and the emulator, the source seeded (the tenant's rows + 200,000 of another), connections and
-    Airflow's metadata set up; yields (admin DSN, bench DSN, emulator endpoints, the tenant's rows). The tenant's
-    rows go to the emulator a million at a time (bounded memory there)."""
+def bench_services() -> Iterator[tuple[str, str, dict, Any]]:
+    """Postgres and the emulator, the connections and Airflow's metadata set up, an empty `analytics` dataset;
+    yields (admin DSN, bench DSN, emulator endpoints, a BigQuery client)."""
     with services.postgres_server() as admin, services.bigquery_emulator(PROJECT, HOME / "bqemulator.log") as emu:
         dsn = services.recreate_database(admin, "backfill_bench")
         os.environ["BENCH_DSN"] = dsn
@@ -292,6 +292,15 @@ def seeded_services(source_rows: int = SOURCE_ROWS) -> Iterator[tuple[str, str, 
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
         client = bq_client(emu["rest"])
         client.create_dataset("analytics", exists_ok=True)
+        yield admin, dsn, emu, client
+
+
+@contextmanager
+def seeded_services(source_rows: int = SOURCE_ROWS) -> Iterator[tuple[str, str, dict, pa.Table]]:
+    """bench_services, the source seeded (the tenant's rows + 200,000 of another); yields (admin DSN, bench DSN,
+    emulator endpoints, the tenant's rows). The tenant's rows go to the emulator a million at a time (bounded memory
+    there)."""
+    with bench_services() as (admin, dsn, emu, client):
         rows = inventory_table(SEED_TENANT, source_rows)
         create_source(client, rows.slice(0, 1_000_000))
         for start in range(1_000_000, source_rows, 1_000_000):
