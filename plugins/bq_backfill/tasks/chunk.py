@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import os
@@ -238,8 +239,6 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
 
 def _timed(reader: SliceReader, pending: dict[int, Part], starts: list[int]) -> Iterator[tuple[Part, Slice]]:
     """The reader's slices of the pending parts, each with its part; the time spent waiting charged to the part."""
-    import bisect
-
     pieces = iter(reader)
     while True:
         waited = time.monotonic()

@@ -14,7 +14,6 @@ MAX_JOBS = 100
 
 
 MAX_RUNS = 10
-STATUSES = ("pending", "running", "failed", "completed")
 
 
 def latest_jobs(
