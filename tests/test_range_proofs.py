@@ -154,6 +154,10 @@ def test_the_digest_is_of_the_values_not_of_the_batching():
     assert range_proofs.digest(MODEL, whole) == range_proofs.digest(MODEL, batched)
     assert range_proofs.digest(MODEL, whole) == range_proofs.digest(MODEL, with_offsets)  # offsets are not content
     assert range_proofs.digest(MODEL, whole.slice(1)) == range_proofs.digest(MODEL, batched.slice(1))
+    # a slice cut from a larger batch, against the same rows in buffers of their own
+    cut = pa.Table.from_pylist(source[100:150], schema=ARROW_SCHEMA)
+    assert range_proofs.digest(MODEL, whole.slice(100, 50)) == range_proofs.digest(MODEL, cut)
+    assert range_proofs.digest(MODEL, batched.slice(100, 50)) == range_proofs.digest(MODEL, cut)
 
     def changed(i: int, **values) -> bytes:
         rows = [dict(r) for r in source]

@@ -82,6 +82,12 @@ def digest(model: Model, rows: pa.Table) -> bytes:
     """A digest of the rows' model columns, in their order: Arrow IPC of one record batch (the same bytes for the
     same values and types, however the rows were batched), hashed with BLAKE2b."""
     table = rows.select(list(model.column_names)).combine_chunks()
+    # A slice of a larger batch can carry its parent's buffers, which Arrow's IPC writer sends as they are: each
+    # column copied into buffers of its own first, so the same values make the same bytes however they were cut.
+    table = pa.Table.from_arrays(
+        [pa.concat_arrays(column.chunks) if column.num_chunks else column for column in table.columns],
+        schema=table.schema,
+    )
     # personalised by proof format: proofs recorded before COPYs were refused on tables with insert triggers could
     # describe rows a trigger changed, and never match again
     hasher = hashlib.blake2b(digest_size=32, person=PROOF_FORMAT)
