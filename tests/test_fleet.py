@@ -197,12 +197,12 @@ def test_a_jobs_chunk_rows_are_its_part_of_each_chunk_of_the_runs_snapshot(pg):
     (offsets past a smallint's range: the statement's arithmetic is bigint whatever the driver binds small ints as)."""
     job, _ = ledger.claim_job(pg, ledger.RunKey("bigquery_backfill", "parts"), FLEET[0], "inventory")
     snapshot = pg.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
-    job = ledger.record_plan(
-        pg, job, total_records=5_000, chunk_size=4_000, source_table="analytics.inventory_movements",
+    [job] = ledger.record_plans(pg, [ledger.PlanRecord(
+        job.id, total_records=5_000, chunk_size=4_000, source_table="analytics.inventory_movements",
         snapshot_table="p.d.t", snapshot_at=datetime.now(UTC), target_snapshot=snapshot, snapshot_offset=30_000,
-    )  # fmt: skip
+    )])  # fmt: skip
 
-    todo = ledger.plan_chunks(pg, job)
+    todo = ledger.plan_chunks(pg, [job])[job.id]
 
     assert [(c["chunk_index"], c["start"], c["end"]) for c in todo] == [(7, 30_000, 32_000), (8, 32_000, 35_000)]
 

@@ -125,9 +125,9 @@ def test_a_range_that_holds_someone_elses_row_is_never_taken_as_proven(pg):
         landed = sink.land_rows(pg, MODEL, SEED_TENANT, other)
         assert landed.path == "copy"
         insert_target(pg, [{**source[50], "product_code": source[50]["product_code"] + "x"}])
-        range_proofs.record_copied(pg, MODEL, _proof(other), other, landed.inserted)  # recorded or not: never used
+        range_proofs.record_copied(pg, MODEL, [(_proof(other), other)])  # recorded or not: never used
     keys = key_range(MODEL, other)
-    assert range_proofs.holds(pg, MODEL, _proof(other), keys, other.num_rows) is None
+    assert range_proofs.holds(pg, MODEL, [(_proof(other), keys, other.num_rows)]) == [None]
     with pg.transaction():
         assert sink.land_rows(pg, MODEL, SEED_TENANT, other, keys, _proof(other)).path == "upsert"
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from bq_backfill import range_proofs
 from bq_backfill.models import Model
@@ -66,12 +67,28 @@ def still_holds(conn: psycopg.Connection, model: Model, tenant_id: str, proof: d
     return range_proofs.versions_in_range(conn, model, tenant_id, keys) == proof["versions"]
 
 
-def tenant_holds_only(conn: psycopg.Connection, model: Model, tenant_id: str, proofs: list[dict[str, Any]]) -> bool:
-    """Whether the tenant's target rows are exactly the proven chunks' rows: all of the tenant's rows carry the
-    chunks' row versions, each on as many rows (one aggregate, whatever the key ranges and their collation). A
-    version's rows can only be deleted or rewritten once it is committed, never added to; so the same counts mean
-    every chunk's rows are still there, and no other row of the tenant is."""
-    expected: Counter[str] = Counter()
-    for proof in proofs:
-        expected.update(proof["versions"])
-    return range_proofs.versions_in_range(conn, model, tenant_id, None) == dict(expected)
+def tenants_hold_only(conn: psycopg.Connection, model: Model, proofs: dict[str, list[dict[str, Any]]]) -> set[str]:
+    """The tenants whose target rows are exactly their proven chunks' rows: all of a tenant's rows carry its chunks'
+    row versions, each on as many rows (one aggregate over all the tenants, whatever the key ranges and their
+    collation). A version's rows can only be deleted or rewritten once it is committed, never added to; so the same
+    counts mean every chunk's rows are still there, and no other row of the tenant is."""
+    if not proofs:
+        return set()
+    expected: dict[str, Counter[str]] = {t: Counter() for t in proofs}
+    for tenant_id, chunk_proofs in proofs.items():
+        for proof in chunk_proofs:
+            expected[tenant_id].update(proof["versions"])
+    tenant = next(c for c in model.columns if c.name == model.tenant_column)
+    query = sql.SQL(
+        "SELECT {tenant}::text, xmin::text, count(*) FROM {target} WHERE {tenant} = ANY(%s::{type}[]) "
+        "GROUP BY {tenant}, xmin"
+    ).format(
+        tenant=sql.Identifier(model.tenant_column),
+        target=sql.Identifier(model.target_table),
+        type=sql.SQL(tenant.pg_type),
+    )
+    found: dict[str, dict[str, int]] = {}
+    asked = {t.lower(): t for t in proofs}
+    for value, version, n in conn.execute(query, [list(proofs)]).fetchall():
+        found.setdefault(asked.get(value.lower(), value), {})[version] = int(n)
+    return {t for t in proofs if found.get(t, {}) == dict(expected[t])}

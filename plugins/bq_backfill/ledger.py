@@ -67,6 +67,19 @@ def _one(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> dict[st
         return cur.fetchone()
 
 
+def _each(conn: psycopg.Connection, name: str, params: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """The first row the statement returns for each set of parameters (None: none), pipelined: one round trip."""
+    rows: list[dict[str, Any] | None] = []
+    if not params:
+        return rows
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.executemany(sql_text(name), params, returning=True)
+        while True:
+            rows.append(cur.fetchone())
+            if not cur.nextset():
+                return rows
+
+
 def _all(conn: psycopg.Connection, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(sql_text(name), params)
@@ -238,87 +251,87 @@ def run_model(declaration: Declaration, job: Job) -> Model:
     return Model.from_record(declaration, job.model_columns)
 
 
-def record_plan(
-    conn: psycopg.Connection,
-    job: Job,
-    *,
-    total_records: int,
-    chunk_size: int,
-    source_table: str,
-    snapshot_table: str,
-    snapshot_at: datetime,
-    target_snapshot: str,
-    estimated_bytes: int | None = None,
-    duplicate_source_rows: int = 0,
-    snapshot_offset: int = 0,
-) -> Job:
-    """Records the snapshot the job reads (and BigQuery's estimate of the bytes its query bills); once per job."""
-    row = _one(
-        conn,
-        "record_plan.sql",
-        {
-            "job_id": job.id,
-            "total_records": total_records,
-            "chunk_size": chunk_size,
-            "source_table": source_table,
-            "snapshot_table": snapshot_table,
-            "snapshot_at": snapshot_at,
-            "target_snapshot": target_snapshot,
-            "estimated_bytes": estimated_bytes,
-            "duplicate_source_rows": duplicate_source_rows,
-            "snapshot_offset": snapshot_offset,
-        },
-    )
-    if row is None:
-        raise RuntimeError(f"job {job.id} was planned meanwhile, or deleted: not recording a second plan")
-    return _job(row)
+@dataclass(frozen=True)
+class PlanRecord:
+    """The snapshot a job reads, as plan_chunks records it (and BigQuery's estimate of the bytes its query bills)."""
+
+    job_id: str
+    total_records: int
+    chunk_size: int
+    source_table: str
+    snapshot_table: str
+    snapshot_at: datetime
+    target_snapshot: str
+    estimated_bytes: int | None = None
+    duplicate_source_rows: int = 0
+    snapshot_offset: int = 0
 
 
-def refuse_old_snapshot(
-    conn: psycopg.Connection, job: Job, tenant_id: str, model_type: str, max_age_hours: int
-) -> None:
+def record_plans(conn: psycopg.Connection, plans: list[PlanRecord]) -> list[Job]:
+    """Records each job's plan, once per job (pipelined); returns the jobs as recorded."""
+    rows = _each(conn, "record_plan.sql", [vars(p) for p in plans])
+    for plan, row in zip(plans, rows, strict=True):
+        if row is None:
+            raise RuntimeError(f"job {plan.job_id} was planned meanwhile, or deleted: not recording a second plan")
+    return [_job(r) for r in rows if r is not None]
+
+
+def refuse_old_snapshot(conn: psycopg.Connection, job: Job, model_type: str, max_age_hours: int) -> None:
     """Fails if writing this job's snapshot now would put old data over newer: a later run of the tenant+model
     completed with a newer snapshot (SupersededError), or the snapshot is older than `max_age_hours`
     (SnapshotTooOldError). Every task checks it before it writes or deletes anything."""
-    _refuse_if_superseded(conn, job, tenant_id, model_type)
-    _refuse_if_too_old(conn, job, max_age_hours)
+    refusal = old_snapshot_refusals(conn, [job], model_type, max_age_hours).get(job.id)
+    if refusal is not None:
+        raise refusal
 
 
-def _refuse_if_superseded(conn: psycopg.Connection, job: Job, tenant_id: str, model_type: str) -> None:
-    if job.snapshot_at is None:
-        return  # not planned yet: its snapshot will be taken now, newer than any
-    newer = _one(
+def old_snapshot_refusals(
+    conn: psycopg.Connection, jobs: list[Job], model_type: str, max_age_hours: int
+) -> dict[str, SupersededError | SnapshotTooOldError]:
+    """refuse_old_snapshot for many jobs at once (two statements): each refused job's error, by job id."""
+    planned = [j for j in jobs if j.snapshot_at is not None]  # not planned yet: its snapshot will be taken now
+    if not planned:
+        return {}
+    refusals: dict[str, SupersededError | SnapshotTooOldError] = {}
+    newer = _all(
         conn,
-        "newer_completed_job.sql",
-        {"tenant_id": tenant_id, "model_type": model_type, "job_id": job.id, "snapshot_at": job.snapshot_at},
+        "newer_completed_jobs.sql",
+        {
+            "job_ids": [j.id for j in planned],
+            "tenant_ids": [j.tenant_id for j in planned],
+            "snapshot_ats": [j.snapshot_at for j in planned],
+            "model_type": model_type,
+        },
     )
-    if newer:
-        raise SupersededError(
-            f"a newer run completed at {newer['completed_at']:%Y-%m-%d %H:%M:%S%z} (dag run {newer['dag_run_id']}, "
-            f"job {newer['id']}, data as of {newer['snapshot_at']:%Y-%m-%d %H:%M:%S%z}) for tenant {tenant_id} "
+    by_id = {j.id: j for j in planned}
+    for row in newer:
+        job = by_id[str(row["job_id"])]
+        assert job.snapshot_at is not None
+        refusals[job.id] = SupersededError(
+            f"a newer run completed at {row['completed_at']:%Y-%m-%d %H:%M:%S%z} (dag run {row['dag_run_id']}, "
+            f"job {row['id']}, data as of {row['snapshot_at']:%Y-%m-%d %H:%M:%S%z}) for tenant {job.tenant_id} "
             f"model {model_type!r}; this run's snapshot is older ({job.snapshot_at:%Y-%m-%d %H:%M:%S%z}), so it "
             "writes nothing: trigger a new run instead"
         )
+    # by the database's clock: resuming would write the snapshot's rows over everything written to the target since,
+    # and delete_missing would delete by it
+    row = conn.execute("SELECT now()").fetchone()
+    assert row is not None
+    for job in planned:
+        assert job.snapshot_at is not None
+        age = (row[0] - job.snapshot_at).total_seconds() / 3600
+        if job.id not in refusals and age > max_age_hours:
+            refusals[job.id] = SnapshotTooOldError(
+                f"job {job.id} reads a snapshot taken {job.snapshot_at:%Y-%m-%d %H:%M:%S%z}, {age:.1f} hours ago, "
+                f"over max_snapshot_age_hours={max_age_hours}: resuming it would write data that old over what "
+                "changed since, so it writes nothing. Trigger a new run (it takes a new snapshot; rows already "
+                "right are left as they are)"
+            )
+    return refusals
 
 
 class SnapshotTooOldError(RuntimeError):
     """The job's snapshot is older than the run's max_snapshot_age_hours: resuming it would write old data."""
-
-
-def _refuse_if_too_old(conn: psycopg.Connection, job: Job, max_age_hours: int) -> None:
-    # by the database's clock: resuming would write the snapshot's rows over everything written to the target since,
-    # and delete_missing would delete by it
-    if job.snapshot_at is None:
-        return  # not planned yet: its snapshot will be taken now
-    row = conn.execute("SELECT extract(epoch FROM now() - %s)::float8 / 3600", [job.snapshot_at]).fetchone()
-    age = float(row[0]) if row else 0.0
-    if age > max_age_hours:
-        raise SnapshotTooOldError(
-            f"job {job.id} reads a snapshot taken {job.snapshot_at:%Y-%m-%d %H:%M:%S%z}, {age:.1f} hours ago, over "
-            f"max_snapshot_age_hours={max_age_hours}: resuming it would write data that old over what changed "
-            "since, so it writes nothing. Trigger a new run (it takes a new snapshot; rows already right are left "
-            "as they are)"
-        )
 
 
 def find_run_jobs(conn: psycopg.Connection, run: RunKey) -> list[Job]:
@@ -343,78 +356,116 @@ def _job(row: dict[str, Any]) -> Job:
     )
 
 
-def plan_chunks(conn: psycopg.Connection, job: Job) -> list[dict[str, int]]:
-    """Writes the job's chunk rows (once) and returns those not done yet, in order. The run's chunks cut the whole
-    snapshot every chunk_size offsets; a job's chunk rows are its tenant's part of each chunk its rows are in."""
-    if job.total_records is None or job.chunk_size is None:
-        raise RuntimeError(f"job {job.id} has no snapshot recorded yet: plan_chunks records it")
-    first, size, total = job.snapshot_offset, job.chunk_size, job.total_records
-    conn.execute(
-        sql_text("plan_chunk_rows.sql"),
-        {
-            "job_id": job.id,
-            "chunk_size": size,
-            "first_offset": first,
-            "total": total,
-            "first_chunk": first // size,
-            "last_chunk": (first + total - 1) // size if total else first // size - 1,
-        },
-    )
-    conn.execute(sql_text("ensure_progress_row.sql"), {"job_id": job.id, "source_table": job.source_table})
-    return [
-        {"chunk_index": r["chunk_index"], "start": r["start_offset"], "end": r["end_offset"]}
-        for r in _all(conn, "pending_chunks.sql", {"job_id": job.id})
-    ]
+def plan_chunks(conn: psycopg.Connection, jobs: list[Job]) -> dict[str, list[dict[str, int]]]:
+    """Writes the jobs' chunk rows (once) and returns, by job, those not done yet, in order. The run's chunks cut
+    the whole snapshot every chunk_size offsets; a job's chunk rows are its tenant's part of each chunk its rows
+    are in."""
+    rows = []
+    for job in jobs:
+        if job.total_records is None or job.chunk_size is None:
+            raise RuntimeError(f"job {job.id} has no snapshot recorded yet: plan_chunks records it")
+        first, size, total = job.snapshot_offset, job.chunk_size, job.total_records
+        rows.append(
+            {
+                "job_id": job.id,
+                "chunk_size": size,
+                "first_offset": first,
+                "total": total,
+                "first_chunk": first // size,
+                "last_chunk": (first + total - 1) // size if total else first // size - 1,
+                "source_table": job.source_table,
+            }
+        )
+    with conn.cursor() as cur:
+        cur.executemany(sql_text("plan_chunk_rows.sql"), rows)
+        cur.executemany(sql_text("ensure_progress_row.sql"), rows)
+    pending: dict[str, list[dict[str, int]]] = {job.id: [] for job in jobs}
+    for r in _all(conn, "pending_chunks.sql", {"job_ids": [job.id for job in jobs]}):
+        pending[str(r["job_id"])].append(
+            {"chunk_index": r["chunk_index"], "start": r["start_offset"], "end": r["end_offset"]}
+        )
+    return pending
 
 
-def lock_chunk(conn: psycopg.Connection, job_id: str, chunk_index: int) -> str | None:
-    row = _one(conn, "lock_chunk.sql", {"job_id": job_id, "chunk_index": chunk_index})
-    return row["status"] if row else None
+def lock_chunks(conn: psycopg.Connection, job_ids: list[str], chunk_index: int) -> dict[str, str]:
+    """Locks the jobs' rows of the chunk until the transaction ends; returns their status by job id (a job missing:
+    deleted since)."""
+    rows = _all(conn, "lock_chunk.sql", {"job_ids": job_ids, "chunk_index": chunk_index})
+    return {str(r["job_id"]): r["status"] for r in rows}
 
 
-def complete_chunk(
-    conn: psycopg.Connection,
-    job_id: str,
-    chunk_index: int,
-    counts: dict[str, float],
-    write_path: str,
-    key_proof: dict[str, Any] | None = None,
-) -> dict[str, int]:
-    proof = Jsonb(key_proof) if key_proof is not None else None
-    params = {"job_id": job_id, "chunk_index": chunk_index, "write_path": write_path, "key_proof": proof, **counts}
-    row = _one(conn, "complete_chunk.sql", params)
-    if row is None:
-        raise RuntimeError(f"chunk {chunk_index} of job {job_id} was not pending when it completed")
-    conn.execute(sql_text("update_progress.sql"), {"job_id": job_id, "read": counts["read"]})
-    return row
+@dataclass(frozen=True)
+class ChunkDone:
+    """One job's part of a chunk, landed: its counts (and seconds), write path and key proof."""
+
+    job_id: str
+    counts: dict[str, float]
+    write_path: str
+    key_proof: dict[str, Any] | None = None
 
 
-def chunk_totals(conn: psycopg.Connection, job_id: str) -> dict[str, int]:
-    row = _one(conn, "chunk_totals.sql", {"job_id": job_id})
-    assert row is not None
-    return {k: int(v) for k, v in row.items()}
+def complete_chunks(conn: psycopg.Connection, chunk_index: int, done: list[ChunkDone]) -> list[dict[str, int]]:
+    """Records the jobs' parts of a chunk as done, with their progress (pipelined: one round trip); returns each
+    job's processed and total records."""
+    params = [
+        {"job_id": d.job_id, "chunk_index": chunk_index, "write_path": d.write_path,
+         "key_proof": None if d.key_proof is None else Jsonb(d.key_proof), **d.counts}
+        for d in done
+    ]  # fmt: skip
+    states = []
+    for p, row in zip(params, _each(conn, "complete_chunk.sql", params), strict=True):
+        if row is None:
+            raise RuntimeError(f"chunk {chunk_index} of job {p['job_id']} was not pending when it completed")
+        states.append(row)
+    with conn.cursor() as cur:
+        cur.executemany(sql_text("update_progress.sql"), [{"job_id": p["job_id"], "read": p["read"]} for p in params])
+    return states
 
 
-def chunk_key_proofs(conn: psycopg.Connection, job_id: str) -> dict[int, tuple[int, dict[str, Any]]]:
-    """start offset -> (rows read, key proof) of the job's done chunks that recorded one."""
-    rows = _all(conn, "chunk_key_proofs.sql", {"job_id": job_id})
-    return {r["start_offset"]: (r["rows_read"], r["key_proof"]) for r in rows}
+@dataclass(frozen=True)
+class JobChunks:
+    """What finalize reads of a job's chunks: their counts summed, the chunk rows in order, and the old loop's jobs
+    of its tenant+model that changed while it ran (latest first)."""
+
+    totals: dict[str, int]
+    chunks: list[dict[str, Any]]
+    legacy: list[dict[str, Any]]
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The chunks' offset ranges [start, end), in order."""
+        return [(int(c["start_offset"]), int(c["end_offset"])) for c in self.chunks]
+
+    @property
+    def unfinished(self) -> list[dict[str, Any]]:
+        return [c for c in self.chunks if c["status"] != "done"]
+
+    @property
+    def key_proofs(self) -> dict[int, tuple[int, dict[str, Any]]]:
+        """start offset -> (rows read, key proof) of the done chunks that recorded one."""
+        return {c["start_offset"]: (c["rows_read"], c["key_proof"]) for c in self.chunks if c["key_proof"]}
 
 
-def legacy_jobs_during_run(conn: psycopg.Connection, job_id: str) -> list[dict[str, Any]]:
-    """Jobs of the old loop of the job's tenant+model that changed since the job started (at most 5, latest first)."""
-    return _all(conn, "legacy_jobs_during_run.sql", {"job_id": job_id})
+def job_chunks(conn: psycopg.Connection, job_ids: list[str]) -> dict[str, JobChunks]:
+    """JobChunks of each job, in three statements whatever the number of jobs."""
+    params = {"job_ids": job_ids}
+    totals = {str(r.pop("job_id")): {k: int(v) for k, v in r.items()} for r in _all(conn, "chunk_totals.sql", params)}
+    chunks: dict[str, list[dict[str, Any]]] = {j: [] for j in job_ids}
+    for row in _all(conn, "job_chunks.sql", params):
+        chunks[str(row.pop("job_id"))].append(row)
+    legacy: dict[str, list[dict[str, Any]]] = {j: [] for j in job_ids}
+    for row in _all(conn, "legacy_jobs_during_run.sql", params):
+        legacy[str(row.pop("job_id"))].append(row)
+    return {j: JobChunks(totals[j], chunks[j], legacy[j][:5]) for j in job_ids}
 
 
-def unfinished_chunks(conn: psycopg.Connection, job_id: str) -> list[dict[str, Any]]:
-    return _all(conn, "unfinished_chunks.sql", {"job_id": job_id})
-
-
-def complete_job(conn: psycopg.Connection, job_id: str, missing_from_source: int | None, deleted: int) -> None:
-    conn.execute(
-        sql_text("complete_job.sql"),
-        {"job_id": job_id, "missing_from_source": missing_from_source, "deleted_records": deleted},
-    )
+def complete_jobs(conn: psycopg.Connection, jobs: list[tuple[str, int | None, int]]) -> None:
+    """Completes each (job id, target rows missing from the source, rows deleted), pipelined."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            sql_text("complete_job.sql"),
+            [{"job_id": j, "missing_from_source": missing, "deleted_records": deleted} for j, missing, deleted in jobs],
+        )
 
 
 def record_missing(conn: psycopg.Connection, job_id: str, missing_from_source: int) -> None:
@@ -435,16 +486,6 @@ def fail_job(
     )
 
 
-def job_chunk_ranges(conn: psycopg.Connection, job_id: str) -> list[tuple[int, int]]:
-    """The job's chunks' offset ranges [start, end), in order."""
-    rows = conn.execute(
-        "SELECT start_offset, end_offset FROM backfill_chunks WHERE job_id = %s ORDER BY chunk_index", [job_id]
-    ).fetchall()
-    return [(int(a), int(b)) for a, b in rows]
-
-
-def find_job_by_id(conn: psycopg.Connection, job_id: str) -> Job:
-    row = _one(conn, "find_job.sql", {"job_id": job_id})
-    if row is None:
-        raise LookupError(f"backfill job {job_id} no longer exists (deleted by a later cleanup?)")
-    return _job(row)
+def find_jobs_by_id(conn: psycopg.Connection, job_ids: list[str]) -> dict[str, Job]:
+    """The jobs that still exist, by id."""
+    return {str(r["id"]): _job(r) for r in _all(conn, "find_job.sql", {"job_ids": job_ids})}

@@ -33,7 +33,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from bq_backfill.models import Model
-from bq_backfill.target_rows import VERSION_COLUMN, KeyRange, in_range
+from bq_backfill.target_rows import RANGES_PER_STATEMENT, VERSION_COLUMN, KeyRange, in_range
 
 PROOF_FORMAT = b"bq-backfill-2"
 # A proof's row versions are xids of 32 bits: one older than this many transactions may name another row version.
@@ -125,68 +125,119 @@ def versions_in_range(conn: psycopg.Connection, model: Model, tenant_id: str, ke
     return {version: int(n) for version, n in conn.execute(query, [tenant_id, *params]).fetchall()}
 
 
-def holds(conn: psycopg.Connection, model: Model, key: ProofKey, keys: KeyRange, rows: int) -> dict[str, int] | None:
-    """The row versions a proof of this digest recorded, if there is one and the range still holds exactly them."""
-    found = conn.execute(
-        "SELECT row_count, row_versions, system_identifier, recorded_xid FROM backfill_range_proofs "
-        "WHERE tenant_id = %s AND model_type = %s AND digest = %s",
-        [key.tenant_id, key.model_type, key.digest],
-    ).fetchone()
-    if found is None or found[0] != rows or not trusted(conn, {"system": found[2], "xid": found[3]}):
-        return None
-    return found[1] if versions_in_range(conn, model, key.tenant_id, keys) == found[1] else None
+def versions_in_ranges(
+    conn: psycopg.Connection, model: Model, ranges: list[tuple[str, KeyRange]]
+) -> list[dict[str, int]]:
+    """versions_in_range of each (tenant, key range), RANGES_PER_STATEMENT ranges a statement."""
+    found: list[dict[str, int]] = [{} for _ in ranges]
+    for at in range(0, len(ranges), RANGES_PER_STATEMENT):
+        branches, params = [], []
+        for i, (tenant_id, keys) in enumerate(ranges[at : at + RANGES_PER_STATEMENT], start=at):
+            where, bound = in_range(model, keys)
+            branches.append(
+                sql.SQL(
+                    "(SELECT {i}, xmin::text, count(*) FROM {target} WHERE {tenant} = %s AND {where} GROUP BY xmin)"
+                ).format(
+                    i=sql.Literal(i),
+                    target=sql.Identifier(model.target_table),
+                    tenant=sql.Identifier(model.tenant_column),
+                    where=where,
+                )
+            )
+            params += [tenant_id, *bound]
+        for i, version, n in conn.execute(sql.SQL(" UNION ALL ").join(branches), params).fetchall():
+            found[int(i)][version] = int(n)
+    return found
 
 
-def record(conn: psycopg.Connection, key: ProofKey, rows: int, versions: dict[str, int]) -> bool:
-    """Records that the slice's range holds exactly its `rows` rows, as these versions, when the caller has just
-    seen so (the same rows, compared in the statement that read these versions); not if it holds more."""
+def holds(
+    conn: psycopg.Connection, model: Model, slices: list[tuple[ProofKey, KeyRange, int]]
+) -> list[dict[str, int] | None]:
+    """For each slice (proof key, key range, rows): the row versions its digest's proof recorded, if there is one
+    and the range still holds exactly them; else None. One lookup and one aggregate per RANGES_PER_STATEMENT."""
+    held: list[dict[str, int] | None] = [None] * len(slices)
+    for at in range(0, len(slices), RANGES_PER_STATEMENT):
+        batch = slices[at : at + RANGES_PER_STATEMENT]
+        found = {
+            (str(tenant), bytes(digest)): (rows, versions, {"system": system, "xid": xid})
+            for tenant, digest, rows, versions, system, xid in conn.execute(
+                "SELECT p.tenant_id, p.digest, p.row_count, p.row_versions, p.system_identifier, p.recorded_xid "
+                "FROM backfill_range_proofs p JOIN unnest(%s::uuid[], %s::bytea[]) AS k (tenant_id, digest) "
+                "ON p.tenant_id = k.tenant_id AND p.digest = k.digest WHERE p.model_type = %s",
+                [[k.tenant_id for k, _, _ in batch], [k.digest for k, _, _ in batch], batch[0][0].model_type],
+            ).fetchall()
+        }  # fmt: skip
+        candidates = []
+        for i, (key, keys, rows) in enumerate(batch, start=at):
+            proof = found.get((key.tenant_id.lower(), key.digest))
+            if proof is not None and proof[0] == rows and trusted(conn, proof[2]):
+                candidates.append((i, proof[1], key.tenant_id, keys))
+        now = versions_in_ranges(conn, model, [(tenant, keys) for _, _, tenant, keys in candidates])
+        for (i, recorded, _, _), versions in zip(candidates, now, strict=True):
+            held[i] = recorded if versions == recorded else None
+    return held
+
+
+def record(conn: psycopg.Connection, proofs: list[tuple[ProofKey, int, dict[str, int]]]) -> list[bool]:
+    """Records, for each (proof key, rows, versions), that the slice's range holds exactly its rows as these
+    versions, when the caller has just seen so (the same rows, compared in the statement that read these versions);
+    not if it holds more. In one pipelined batch."""
     taken = epoch(conn)
-    if sum(versions.values()) != rows or taken is None:
-        return False
-    conn.execute(
-        "INSERT INTO backfill_range_proofs (tenant_id, model_type, digest, row_count, row_versions, job_id, "
-        "system_identifier, recorded_xid) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-        "ON CONFLICT (tenant_id, model_type, digest) DO UPDATE SET row_count = EXCLUDED.row_count, "
-        "row_versions = EXCLUDED.row_versions, job_id = EXCLUDED.job_id, recorded_at = now(), "
-        "system_identifier = EXCLUDED.system_identifier, recorded_xid = EXCLUDED.recorded_xid",
-        [key.tenant_id, key.model_type, key.digest, rows, Jsonb(versions), key.job_id, taken["system"],
-         taken["xid"]],
-    )  # fmt: skip
-    return True
+    kept = [taken is not None and sum(versions.values()) == rows for _, rows, versions in proofs]
+    if taken is None or not any(kept):
+        return kept
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO backfill_range_proofs (tenant_id, model_type, digest, row_count, row_versions, job_id, "
+            "system_identifier, recorded_xid) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (tenant_id, model_type, digest) DO UPDATE SET row_count = EXCLUDED.row_count, "
+            "row_versions = EXCLUDED.row_versions, job_id = EXCLUDED.job_id, recorded_at = now(), "
+            "system_identifier = EXCLUDED.system_identifier, recorded_xid = EXCLUDED.recorded_xid",
+            [(key.tenant_id, key.model_type, key.digest, rows, Jsonb(versions), key.job_id, taken["system"],
+              taken["xid"]) for (key, rows, versions), keep in zip(proofs, kept, strict=True) if keep],
+        )  # fmt: skip
+    return kept
 
 
 def record_copied(
-    conn: psycopg.Connection, model: Model, key: ProofKey, rows: pa.Table, copied: int
-) -> dict[str, int] | None:
-    """Records a proof for a slice just COPied into its (empty) key range, when the COPY wrote every row: the range
-    holds the COPY's rows, all of its own row version (read back by the first row's key); returns those versions.
+    conn: psycopg.Connection, model: Model, slices: list[tuple[ProofKey | None, pa.Table]]
+) -> list[dict[str, int] | None]:
+    """Records a proof for each slice (proof key, rows) just written by one COPY, which wrote every row, into empty
+    key ranges: each range holds its slice's rows, all of the COPY's one row version (read back by the first row's
+    key); returns each slice's versions (None without a proof key).
 
-    Not checked against the range here: a proof is only ever used after the range is found to hold exactly its
-    versions (holds, chunk_proofs.still_holds). That check also sees another session's row landing in the range
+    Not checked against the ranges here: a proof is only ever used after its range is found to hold exactly its
+    versions (holds, chunk_proofs.still_holds). That check also sees another session's row landing in a range
     since, or a collation that puts some of the COPY's rows outside the range as Postgres reads it, and such a proof
     is then never used; checking now as well would read every row written a second time."""
-    if copied != rows.num_rows:  # a trigger or rule skipped some
-        return None
+    proven = [(key, rows) for key, rows in slices if key is not None and rows.num_rows]
+    if not proven:
+        return [None] * len(slices)
     key_cols = model.conflict_key[1:]
-    first = rows.slice(0, 1).to_pylist()[0]
+    first_key, first_rows = proven[0]
+    first = first_rows.slice(0, 1).to_pylist()[0]
     match = sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in key_cols)
     own = conn.execute(
         sql.SQL("SELECT xmin::text FROM {target} WHERE {tenant} = %s AND {match}").format(
             target=sql.Identifier(model.target_table), tenant=sql.Identifier(model.tenant_column), match=match
         ),
-        [key.tenant_id, *(first[c] for c in key_cols)],
+        [first_key.tenant_id, *(first[c] for c in key_cols)],
     ).fetchone()
     if own is None:
-        return None
-    versions = {own[0]: rows.num_rows}
-    return versions if record(conn, key, rows.num_rows, versions) else None
+        return [None] * len(slices)
+    kept = iter(record(conn, [(key, rows.num_rows, {own[0]: rows.num_rows}) for key, rows in proven]))
+    return [
+        ({own[0]: rows.num_rows} if next(kept) else None) if key is not None and rows.num_rows else None
+        for key, rows in slices
+    ]
 
 
-def keep_only(conn: psycopg.Connection, tenant_id: str, model_type: str, job_id: str) -> int:
-    """Drops the tenant+model's proofs that this (completed) job did not record or use: they describe ranges as
-    earlier runs left them."""
+def keep_only(conn: psycopg.Connection, model_type: str, jobs: list[tuple[str, str]]) -> int:
+    """For each (tenant, completed job): drops the tenant+model's proofs that the job did not record or use: they
+    describe ranges as earlier runs left them. Returns how many were dropped."""
     cur = conn.execute(
-        "DELETE FROM backfill_range_proofs WHERE tenant_id = %s AND model_type = %s AND job_id <> %s",
-        [tenant_id, model_type, job_id],
+        "DELETE FROM backfill_range_proofs p USING unnest(%s::uuid[], %s::uuid[]) AS k (tenant_id, job_id) "
+        "WHERE p.tenant_id = k.tenant_id AND p.model_type = %s AND p.job_id <> k.job_id",
+        [[t for t, _ in jobs], [j for _, j in jobs], model_type],
     )
     return cur.rowcount

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psycopg
 import pyarrow as pa
@@ -113,36 +113,151 @@ def land_rows(
     proof: range_proofs.ProofKey | None = None,
     triggers: tuple[str, ...] = (),
 ) -> Landed:
-    """Writes validated rows (every key column set) to the target by the cheapest path that gives the upsert's
-    result (with a trigger on the target: the snapshot's values, or TargetRowsDifferError; a path that writes
-    nothing fires nothing). Offsets follow the key order, so a chunk covers one key range of the tenant: the
-    target's rows in that range decide the path. `keys`: the rows' key_range(), if already computed (e.g. by a
-    reader thread). `proof`: the slice's proof key, to use a proof an earlier run recorded, and to record one when
-    the range ends up holding exactly these rows. `triggers`: the user triggers that fire on the target's inserts
-    or updates (target_checks.write_guards); with any, rows are written only by the staged upsert, whose result is
-    checked."""
-    if rows.num_rows == 0:
-        return Landed("unchanged", 0, 0, 0)
-    keys = keys or target_rows.key_range(model, rows)
-    n = rows.num_rows
+    """land_slices for one tenant's rows."""
+    try:
+        return land_slices(conn, model, [TenantRows(tenant_id, rows, keys, proof)], triggers)[0]
+    except SliceFailedError as exc:
+        assert exc.__cause__ is not None
+        raise exc.__cause__ from None
+
+
+@dataclass(frozen=True)
+class TenantRows:
+    """Validated rows of one tenant (every key column set), consecutive in the snapshot: so one key range of the
+    tenant. `keys`: their key_range(), if already computed (e.g. by a reader thread); `proof`: their proof key, to
+    use a proof an earlier run recorded, and to record one when the range ends up holding exactly these rows."""
+
+    tenant_id: str
+    rows: pa.Table
+    keys: target_rows.KeyRange | None = None
+    proof: range_proofs.ProofKey | None = None
+
+
+class SliceFailedError(Exception):
+    """The rows of slices[index] could not land (the cause says why); raised from that cause."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"slice {index}")
+        self.index = index
+
+
+def land_slices(
+    conn: psycopg.Connection, model: Model, slices: list[TenantRows], triggers: tuple[str, ...] = ()
+) -> list[Landed]:
+    """Writes each slice of rows to the target by the cheapest path that gives the upsert's result (with a trigger
+    on the target: the snapshot's values, or TargetRowsDifferError; a path that writes nothing fires nothing).
+    Offsets follow the key order, so each slice covers one key range of its tenant: the target's rows in that range
+    decide the path. Slices whose proof holds are `proven`; those whose ranges are empty land together by one COPY;
+    each of the others is compared with its range, then skipped (`unchanged`) or upserted. `triggers`: the user
+    triggers that fire on the target's inserts or updates (target_checks.write_guards); with any, rows are written
+    only by the staged upsert, whose result is checked. A slice that cannot land raises SliceFailedError naming it."""
+    landed: list[Landed | None] = [None] * len(slices)
+    keyed: list[int] = []
+    slices = list(slices)
+    for i, piece in enumerate(slices):
+        if piece.rows.num_rows == 0:
+            landed[i] = Landed("unchanged", 0, 0, 0)
+            continue
+        if piece.keys is None:
+            slices[i] = piece = replace(piece, keys=target_rows.key_range(model, piece.rows))
+        if not piece.keys.duplicates:
+            keyed.append(i)
+    _land_proven(conn, model, slices, [i for i in keyed if slices[i].proof], landed)
+    if not triggers:
+        _land_copied(conn, model, slices, [i for i in keyed if landed[i] is None], landed)
+    for i, piece in enumerate(slices):
+        if landed[i] is None:
+            try:
+                landed[i] = _land_compared(conn, model, piece, triggers)
+            except psycopg.OperationalError:
+                raise  # the connection or the statement (e.g. a timeout), not these rows
+            except (psycopg.DatabaseError, TargetRowsDifferError) as exc:
+                raise SliceFailedError(i) from exc
+    return [x for x in landed if x is not None]
+
+
+def _land_proven(
+    conn: psycopg.Connection, model: Model, slices: list[TenantRows], which: list[int], landed: list[Landed | None]
+) -> None:
+    """The slices whose range holds what a proof of their digest recorded: nothing to fetch or write."""
+    checks = []
+    for i in which:
+        piece = slices[i]
+        assert piece.proof is not None and piece.keys is not None
+        checks.append((piece.proof, piece.keys, piece.rows.num_rows))
+    held = range_proofs.holds(conn, model, checks)
+    proven = [(i, versions) for i, versions in zip(which, held, strict=True) if versions is not None]
+    range_proofs.record(conn, [(slices[i].proof, slices[i].rows.num_rows, v) for i, v in proven])  # now this job's
+    for i, versions in proven:
+        n = slices[i].rows.num_rows
+        landed[i] = Landed("proven", 0, 0, n, versions)
+
+
+def _land_copied(
+    conn: psycopg.Connection, model: Model, slices: list[TenantRows], which: list[int], landed: list[Landed | None]
+) -> None:
+    """The slices whose key ranges hold no row yet, written by one COPY: what upserts would do, at the cost of one
+    plain COPY. If that COPY cannot write them all (a row written meanwhile by someone else, a row the target
+    refuses), it is undone and each slice is left to the compared path, which names the one that fails."""
+    ranges = []
+    for i in which:
+        assert slices[i].keys is not None
+        ranges.append((slices[i].tenant_id, slices[i].keys))
+    empty = [i for i, free in zip(which, target_rows.empty_ranges(conn, model, ranges), strict=True) if free]
+    if not empty:
+        return
+    columns = list(model.column_names)
+    rows = pa.concat_tables([slices[i].rows.select(columns) for i in empty])
+    try:
+        with conn.transaction():  # a savepoint: a failed COPY undoes only itself
+            copied = copy_arrow(conn, sql.Identifier(model.target_table), rows)
+            if copied != rows.num_rows:  # a trigger created without the caller knowing, or a rule
+                raise _ShortCopyError(copied)
+    except psycopg.errors.UniqueViolation:
+        return
+    except _ShortCopyError as exc:
+        if len(empty) == 1:  # never a short COPY
+            raise SliceFailedError(empty[0]) from TargetRowsDifferError(_differs(model, rows.num_rows, exc.copied, ()))
+        return
+    except psycopg.OperationalError:
+        raise
+    except psycopg.DatabaseError as exc:
+        if len(empty) == 1:
+            raise SliceFailedError(empty[0]) from exc
+        return
+    held = range_proofs.record_copied(conn, model, [(slices[i].proof, slices[i].rows) for i in empty])
+    for i, versions in zip(empty, held, strict=True):
+        landed[i] = Landed("copy", slices[i].rows.num_rows, 0, 0, versions)
+
+
+class _ShortCopyError(Exception):
+    def __init__(self, copied: int) -> None:
+        super().__init__(f"COPY wrote {copied} rows")
+        self.copied = copied
+
+
+def _land_compared(conn: psycopg.Connection, model: Model, piece: TenantRows, triggers: tuple[str, ...]) -> Landed:
+    """One slice compared with what its key range holds: nothing written when equal, else a staged upsert."""
+    rows, keys, proof, n = piece.rows, piece.keys, piece.proof, piece.rows.num_rows
+    assert keys is not None
     if not keys.duplicates:
-        if proof and (versions := range_proofs.holds(conn, model, proof, keys, n)) is not None:
-            range_proofs.record(conn, proof, n, versions)  # now this job's
-            return Landed("proven", 0, 0, n, versions)
         columns = [c for c in model.column_names if c != model.tenant_column]
-        existing = target_rows.rows_in_range(conn, model, tenant_id, keys, columns, rows.schema, proof is not None)
+        existing = target_rows.rows_in_range(
+            conn, model, piece.tenant_id, keys, columns, rows.schema, proof is not None
+        )
         if existing is not None and existing.num_rows == 0 and not triggers:
+            # empty now, though not when _land_copied asked, or its COPY failed: this slice alone
             copied = _copy_into_empty_range(conn, model, rows)
             if copied is not None:
-                if copied != n:  # a trigger created without the caller knowing, or a rule: never a short COPY
+                if copied != n:
                     raise TargetRowsDifferError(_differs(model, n, copied, triggers))
-                held = range_proofs.record_copied(conn, model, proof, rows, copied) if proof else None
+                held = range_proofs.record_copied(conn, model, [(proof, rows)])[0]
                 return Landed("copy", copied, 0, 0, held)
         if existing is not None and _same_rows(model, rows, existing.select(columns)):
             held = None
             if proof:  # versions read in the same statement as the rows they were compared on
                 versions = range_proofs.versions_of(existing)
-                held = versions if range_proofs.record(conn, proof, n, versions) else None
+                held = versions if range_proofs.record(conn, [(proof, n, versions)])[0] else None
             return Landed("unchanged", 0, 0, n, held)
     stage_rows(conn, model, rows)
     return Landed("upsert", **upsert_staged(conn, model, triggers))

@@ -34,6 +34,17 @@ def slice_bounds(start: int, end: int, step: int) -> list[tuple[int, int]]:
 Ranges = list[tuple[int, int]]
 
 
+def merged(ranges: Ranges) -> Ranges:
+    """Ascending disjoint ranges with those that meet (one ends where the next starts) joined."""
+    runs: Ranges = []
+    for lo, hi in ranges:
+        if runs and runs[-1][1] == lo:
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
+    return runs
+
+
 def complete_slices(
     batches: Iterable[pa.RecordBatch],
     start: int,
@@ -45,7 +56,7 @@ def complete_slices(
 ) -> Iterator[RowSlice]:
     """Slices [lo, hi) of [start, end), each yielded as soon as its last row has arrived (so not in offset order
     when rows come out of order). With `ranges` (disjoint, ascending, within [start, end)), only their offsets are
-    expected, each range cut into slices of its own (a fleet's chunk: one range per tenant); rows in `skip`
+    expected, each range cut into slices of its own; rows in `skip`
     (ranges not wanted: done already) are dropped; any other offset fails the read."""
     wanted = ranges if ranges is not None else [(start, end)]
     bounds = [b for lo, hi in wanted for b in slice_bounds(lo, hi, step)]

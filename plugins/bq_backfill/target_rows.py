@@ -97,6 +97,32 @@ def rows_in_range(
     return _parse_csv(data, columns, schema, pa_csv.ParseOptions(newlines_in_values=True))
 
 
+# Key ranges asked about in one statement (a fleet's slice can hold the rows of many small tenants)
+RANGES_PER_STATEMENT = 100
+
+
+def empty_ranges(conn: psycopg.Connection, model: Model, ranges: list[tuple[str, KeyRange]]) -> list[bool]:
+    """For each (tenant, key range): whether the target holds no row of the tenant with first <= key <= last;
+    RANGES_PER_STATEMENT ranges a statement."""
+    empty = [True] * len(ranges)
+    for at in range(0, len(ranges), RANGES_PER_STATEMENT):
+        branches, params = [], []
+        for i, (tenant_id, keys) in enumerate(ranges[at : at + RANGES_PER_STATEMENT], start=at):
+            where, bound = in_range(model, keys)
+            branches.append(
+                sql.SQL("SELECT {i} WHERE EXISTS (SELECT 1 FROM {target} WHERE {tenant} = %s AND {where})").format(
+                    i=sql.Literal(i),
+                    target=sql.Identifier(model.target_table),
+                    tenant=sql.Identifier(model.tenant_column),
+                    where=where,
+                )
+            )
+            params += [tenant_id, *bound]
+        for (i,) in conn.execute(sql.SQL(" UNION ALL ").join(branches), params).fetchall():
+            empty[int(i)] = False
+    return empty
+
+
 def keys_in_range(
     conn: psycopg.Connection, model: Model, tenant_id: str, keys: KeyRange, schema: pa.Schema
 ) -> pa.Table | None:

@@ -72,12 +72,16 @@ COUNTS = ("read", "inserted", "updated", "unchanged", "duplicate", "rejected", "
 
 
 class PartFailedError(Exception):
-    """One tenant's part of a chunk cannot land (a trigger changed its rows, Postgres refused one): the chunk's
-    transaction is undone and the chunk tried again without that part."""
+    """Tenants' parts of a chunk cannot land (a trigger changed their rows, Postgres refused one, a newer run
+    completed): the chunk's transaction is undone and the chunk tried again without those parts."""
 
-    def __init__(self, part: Part, message: str) -> None:
-        super().__init__(message)
-        self.part = part
+    def __init__(self, failures: dict[str, tuple[Part, str]]) -> None:
+        super().__init__("; ".join(why for _, why in failures.values()))
+        self.failures = failures  # job id -> (part, why)
+
+    @classmethod
+    def one(cls, part: Part, message: str) -> PartFailedError:
+        return cls({part.job_id: (part, message)})
 
 
 def load_chunk(s: Settings, run: ledger.RunKey, chunk: dict[str, Any]) -> dict[str, int]:
@@ -100,10 +104,11 @@ def load_chunk(s: Settings, run: ledger.RunKey, chunk: dict[str, Any]) -> dict[s
             counts = _land_chunk(s, model, chunk, todo, label)
             break
         except PartFailedError as exc:
-            refused[exc.part.job_id] = str(exc)
-            log.error("%s: tenant %s fails (its job): %s", label, exc.part.tenant_id, exc)
-            with postgres(s.postgres_conn_id) as conn:  # on its own: the other parts are landed again without it
-                ledger.fail_job(conn, run, f"{label}: {exc}", index, job_id=exc.part.job_id)
+            with postgres(s.postgres_conn_id) as conn:  # on its own: the other parts are landed again without them
+                for job_id, (part, why) in exc.failures.items():
+                    refused[job_id] = why
+                    log.error("%s: tenant %s fails (its job): %s", label, part.tenant_id, why)
+                    ledger.fail_job(conn, run, f"{label}: {why}", index, job_id=job_id)
     if refused and len(tenants) == 1:
         raise PermanentChunkError(f"{label}: {next(iter(refused.values()))}")
     if refused:
@@ -122,7 +127,7 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
     bq = bigquery(s.gcp_conn_id)
     # A chunk is one transaction, read with one Storage Read session and written a slice at a time: memory holds a
     # few slices, never the chunk, and the next slices are read, validated and digested while this one is written.
-    # Each part (tenant) is cut into slices of its own.
+    # A slice holds consecutive offsets, whichever parts (tenants) they belong to: small tenants share slices.
     step = slice_rows()
     ranges = [(p.start, p.end) for p in parts]
     span = (ranges[0][0], ranges[-1][1])
@@ -154,28 +159,29 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
                 )
             snapshot = None
             pending: dict[int, Part] = {}
+            # the parts' chunk rows stay locked until this transaction ends: another attempt waits, then sees them
+            # done
+            locked = ledger.lock_chunks(conn, [p.job_id for p in parts], index)
+            jobs = ledger.find_jobs_by_id(conn, [p.job_id for p in parts if locked.get(p.job_id) not in ("done", None)])
+            declaration = s.declaration
+            if any(ledger.run_model(declaration, job) != model for job in jobs.values()):
+                raise PermanentChunkError(
+                    f"{label}: the job's model columns changed since plan_chunks listed this chunk: clear the run "
+                    "from plan_chunks"
+                )
+            # older data never over newer
+            refusals = ledger.old_snapshot_refusals(conn, list(jobs.values()), s.model_type, s.max_snapshot_age_hours)
+            if refusals and len(parts) == 1:
+                raise next(iter(refusals.values()))
+            if refusals:  # each fails its own job; the others go on
+                raise PartFailedError({p.job_id: (p, str(refusals[p.job_id])) for p in parts if p.job_id in refusals})
             for part in parts:
-                # the part's chunk row stays locked until this transaction ends: another attempt waits, then sees it
-                # done
-                state = ledger.lock_chunk(conn, part.job_id, index)
-                if state == "done":
+                if locked.get(part.job_id) == "done":
                     continue
-                if state is None:  # its job was deleted since (a later run's cleanup): nothing of it to write
+                job = jobs.get(part.job_id)
+                if job is None:  # its job was deleted since (a later run's cleanup): nothing of it to write
                     log.warning("%s: tenant %s's job %s is gone: its part skipped", label, part.tenant_id, part.job_id)
                     continue
-                job = ledger.find_job_by_id(conn, part.job_id)
-                if ledger.run_model(s.declaration, job) != model:
-                    raise PermanentChunkError(
-                        f"{label}: the job's model columns changed since plan_chunks listed this chunk: clear the run "
-                        "from plan_chunks"
-                    )
-                # older data never over newer
-                try:
-                    ledger.refuse_old_snapshot(conn, job, part.tenant_id, s.model_type, s.max_snapshot_age_hours)
-                except (ledger.SupersededError, ledger.SnapshotTooOldError) as exc:
-                    if len(parts) == 1:
-                        raise
-                    raise PartFailedError(part, str(exc)) from exc
                 assert job.snapshot_table is not None
                 snapshot = job.snapshot_table
                 pending[part.start] = part
@@ -186,31 +192,37 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
                 assert snapshot is not None
                 reader = stack.enter_context(SliceReader(bq, s, model, snapshot, label, span, ranges, skipped, step))
             starts = sorted(pending)
-            for piece in _timed(reader, pending, starts):
-                part = current = piece[0]
+            for pieces in _timed(reader, pending, starts):
                 written = time.monotonic()
-                _land_slice(s, conn, model, index, part, piece[1], triggers)
-                part.write_seconds += time.monotonic() - written
-            current = None
-            states = []
+                try:
+                    _land_slice(s, conn, model, index, pieces, triggers)
+                except _PieceFailedError as exc:
+                    current = exc.part
+                    raise exc.cause from None
+                _charge(pieces, time.monotonic() - written, "write_seconds")
+            done = []
             for part in pending.values():
-                path = "+".join(dict.fromkeys(part.paths))  # e.g. "copy", or "upsert+copy" for slices that differ
                 timing = {"read_seconds": part.read_seconds, "write_seconds": part.write_seconds}
                 proven = part.key_proof.proof()
                 taken = range_proofs.epoch(conn) if proven else None
-                chunk_proof = {**proven, "epoch": taken} if proven and taken else None
-                states.append(
-                    ledger.complete_chunk(conn, part.job_id, index, {**part.counts, **timing}, path, chunk_proof)
+                done.append(
+                    ledger.ChunkDone(
+                        part.job_id,
+                        {**part.counts, **timing},
+                        "+".join(dict.fromkeys(part.paths)),  # e.g. "copy", or "upsert+copy" for slices that differ
+                        {**proven, "epoch": taken} if proven and taken else None,
+                    )
                 )
+            states = ledger.complete_chunks(conn, index, done)
     except psycopg.OperationalError:
         raise  # connection-level: a retry can succeed
     except (sink.TargetRowsDifferError, target_checks.TargetRefusedError) as exc:
         if current is not None:
-            raise PartFailedError(current, str(exc)) from exc
+            raise PartFailedError.one(current, str(exc)) from exc
         raise PermanentChunkError(f"{label}: {exc}") from exc
     except psycopg.DatabaseError as exc:
         if current is not None:
-            raise PartFailedError(current, f"Postgres refused its rows: {exc}".strip()) from exc
+            raise PartFailedError.one(current, f"Postgres refused its rows: {exc}".strip()) from exc
         raise PermanentChunkError(f"{label}: Postgres refused the chunk: {exc}".strip()) from exc
     done = list(pending.values())
     counts = {k: sum(p.counts[k] for p in done) for k in COUNTS}
@@ -237,35 +249,74 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
     return counts
 
 
-def _timed(reader: SliceReader, pending: dict[int, Part], starts: list[int]) -> Iterator[tuple[Part, Slice]]:
-    """The reader's slices of the pending parts, each with its part; the time spent waiting charged to the part."""
-    pieces = iter(reader)
+def _timed(reader: SliceReader, pending: dict[int, Part], starts: list[int]) -> Iterator[list[tuple[Part, Piece]]]:
+    """The reader's slices, each as its pieces of pending parts with their part; the time spent waiting charged to
+    those parts."""
+    slices = iter(reader)
     while True:
         waited = time.monotonic()
-        piece = next(pieces, None)
-        if piece is None:
+        pieces = next(slices, None)
+        if pieces is None:
             return
-        part = pending.get(starts[bisect.bisect_right(starts, piece.lo) - 1]) if starts else None
-        if part is None or not part.start <= piece.lo < part.end:
-            continue  # a part done by an earlier attempt: read along with the others, not written
-        part.read_seconds += time.monotonic() - waited
-        yield part, piece
+        mine = []
+        for piece in pieces:
+            part = pending.get(starts[bisect.bisect_right(starts, piece.lo) - 1]) if starts else None
+            if part is not None and part.start <= piece.lo < part.end:
+                mine.append((part, piece))  # others: parts done by an earlier attempt, read along, not written
+        if mine:
+            _charge(mine, time.monotonic() - waited, "read_seconds")
+            yield mine
+
+
+def _charge(pieces: list[tuple[Part, Piece]], seconds: float, what: str) -> None:
+    """Shares a slice's seconds among its parts by rows."""
+    rows = sum(piece.read for _, piece in pieces) or 1
+    for part, piece in pieces:
+        setattr(part, what, getattr(part, what) + seconds * piece.read / rows)
+
+
+class _PieceFailedError(Exception):
+    def __init__(self, part: Part, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.part, self.cause = part, cause
 
 
 def _land_slice(
-    s: Settings, conn: psycopg.Connection, model: Model, index: int, part: Part, piece: Slice, triggers: tuple
+    s: Settings, conn: psycopg.Connection, model: Model, index: int, pieces: list[tuple[Part, Piece]], triggers: tuple
 ) -> None:
-    rejected = sink.quarantine(conn, part.job_id, index, piece.rejected)
-    digest = piece.digest
-    proof = range_proofs.ProofKey(part.tenant_id, s.model_type, digest, part.job_id) if digest else None
-    landed = sink.land_rows(conn, model, part.tenant_id, piece.good, piece.keys, proof, triggers)
-    _tally(part.counts, piece, rejected, landed, part.paths)
-    part.key_proof.add(piece.lo, piece.keys, rejected, landed.versions)
+    """One slice's pieces (one per part, i.e. tenant), quarantined and landed together; a piece that cannot land
+    raises _PieceFailedError naming its part."""
+    rejected = []
+    for part, piece in pieces:
+        try:
+            rejected.append(sink.quarantine(conn, part.job_id, index, piece.rejected))
+        except psycopg.OperationalError:
+            raise
+        except psycopg.DatabaseError as exc:
+            raise _PieceFailedError(part, exc) from exc
+    batch = [
+        sink.TenantRows(
+            part.tenant_id,
+            piece.good,
+            piece.keys,
+            range_proofs.ProofKey(part.tenant_id, s.model_type, piece.digest, part.job_id) if piece.digest else None,
+        )
+        for part, piece in pieces
+    ]
+    try:
+        landed = sink.land_slices(conn, model, batch, triggers)
+    except sink.SliceFailedError as exc:
+        assert exc.__cause__ is not None
+        raise _PieceFailedError(pieces[exc.index][0], exc.__cause__) from exc.__cause__
+    for (part, piece), quarantined, result in zip(pieces, rejected, landed, strict=True):
+        _tally(part.counts, piece, quarantined, result, part.paths)
+        part.key_proof.add(piece.lo, piece.keys, quarantined, result.versions)
 
 
 @dataclass(frozen=True)
-class Slice:
-    """One slice of a chunk as its reader thread leaves it: validated, with its key range, digest and distinct keys."""
+class Piece:
+    """One part's rows of a slice, as a reader thread leaves them: validated, with key range, digest and distinct
+    keys."""
 
     lo: int  # its first offset
     read: int
@@ -278,9 +329,10 @@ class Slice:
 
 
 class SliceReader:
-    """The chunk's slices, validated, with key range and digest, in the order their rows arrive. Reading starts at
-    once: a thread reads the chunk's one read session and cuts it into slices; READERS threads prepare them; at most
-    READERS slices wait for the writer, so a slow Postgres holds the reader back instead of filling memory."""
+    """The chunk's slices, each as its pieces (one per part it holds), validated, with key range and digest, in the
+    order their rows arrive. Reading starts at once: a thread reads the chunk's one read session and cuts it into
+    slices; READERS threads prepare them; at most READERS slices wait for the writer, so a slow Postgres holds the
+    reader back instead of filling memory."""
 
     def __init__(
         self,
@@ -317,16 +369,18 @@ class SliceReader:
         try:
             columns = [*self._model.column_names, sink.OFFSET_COLUMN]
             batches = self._bq.read_chunk(self._bq.table(self.snapshot), start, end, columns, read_streams())
-            cut = slicing.complete_slices(batches, start, end, step, sink.OFFSET_COLUMN, self._ranges, self._skipped)
+            runs = slicing.merged(self._ranges)  # a slice spans parts that follow each other
+            cut = slicing.complete_slices(batches, start, end, step, sink.OFFSET_COLUMN, runs, self._skipped)
+            starts = [lo for lo, _ in self._ranges]
             for rows in cut:
                 if self._stop.is_set():
                     return
-                self._put(self._pool.submit(_prepare, self._s, self._model, rows))
+                self._put(self._pool.submit(_prepare_slice, self._s, self._model, rows, starts))
             self._put(self._done)
         except Exception as exc:  # raised in the writer's thread, with this one as its cause
             self._put(exc)
 
-    def __iter__(self) -> Iterator[Slice]:
+    def __iter__(self) -> Iterator[list[Piece]]:
         start, end, _ = self._range
         while (item := self._ready.get()) is not self._done:
             if isinstance(item, Exception):
@@ -347,22 +401,30 @@ class SliceReader:
         self.close()
 
 
-def _prepare(s: Settings, model: Model, rows: slicing.RowSlice) -> Slice:
-    """One slice of a chunk, validated, with its key range and digest: done by a reader thread."""
-    checked = split_invalid(model, rows.rows, sink.OFFSET_COLUMN, s.numeric_rounding)
+def _prepare_slice(s: Settings, model: Model, rows: slicing.RowSlice, starts: list[int]) -> list[Piece]:
+    """A slice of a chunk cut at its parts' first offsets (`starts`), each piece prepared: done by a reader thread."""
+    cuts = [rows.lo, *(at for at in starts if rows.lo < at < rows.hi), rows.hi]
+    return [
+        _prepare(s, model, lo, rows.rows.slice(lo - rows.lo, hi - lo)) for lo, hi in itertools.pairwise(cuts)
+    ]  # the rows are exactly the offsets lo..hi-1, in order
+
+
+def _prepare(s: Settings, model: Model, lo: int, rows: pa.Table) -> Piece:
+    """One part's rows of a slice, validated, with their key range and digest."""
+    checked = split_invalid(model, rows, sink.OFFSET_COLUMN, s.numeric_rounding)
     good = checked.good
-    read = rows.rows.num_rows
+    read = rows.num_rows
     if not good.num_rows:
-        return Slice(rows.lo, read, good, checked.rejected, checked.rounded, None, None, 0)
+        return Piece(lo, read, good, checked.rejected, checked.rounded, None, None, 0)
     keys = target_rows.key_range(model, good)
     distinct = good.num_rows
     if keys.duplicates:
         distinct = good.group_by(list(model.conflict_key[1:])).aggregate([]).num_rows
     digest = range_proofs.digest(model, good)
-    return Slice(rows.lo, read, good, checked.rejected, checked.rounded, keys, digest, distinct)
+    return Piece(lo, read, good, checked.rejected, checked.rounded, keys, digest, distinct)
 
 
-def _tally(counts: dict[str, int], piece: Slice, rejected: int, landed: sink.Landed, paths: list[str]) -> None:
+def _tally(counts: dict[str, int], piece: Piece, rejected: int, landed: sink.Landed, paths: list[str]) -> None:
     """Adds one slice's outcome to its chunk's counts. Each is counted where it happens (rows read by the reader,
     duplicate keys among the good rows by the reader, inserted / updated / unchanged by the write path, rejected by
     the quarantine), so read = inserted + updated + unchanged + duplicate + rejected is a check finalize can fail."""

@@ -128,7 +128,7 @@ def _claim(
     ledger.lock_tenant_model(conn, s.tenant_id, s.model_type)
     deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type, run_active)
     job, created = ledger.claim_job(conn, run, s.tenant_id, s.model_type)
-    ledger.refuse_old_snapshot(conn, job, s.tenant_id, s.model_type, s.max_snapshot_age_hours)
+    ledger.refuse_old_snapshot(conn, job, s.model_type, s.max_snapshot_age_hours)
     ledger.record_model(conn, job, model, resolution.ignored)
     return deleted, created
 

@@ -41,9 +41,11 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
                 f"dag run {run.run_id} has no job: a later run's cleanup deleted it, or cleanup_stale_jobs did not "
                 "run; trigger a new run (or clear this run from cleanup_stale_jobs)"
             )
-        for job in jobs:  # also when plan alone is cleared; a completed tenant has nothing left to write
-            if job.status != "completed":
-                ledger.refuse_old_snapshot(conn, job, job.tenant_id, s.model_type, s.max_snapshot_age_hours)
+        # also when plan alone is cleared; a completed tenant has nothing left to write
+        open_jobs = [j for j in jobs if j.status != "completed"]
+        refusals = ledger.old_snapshot_refusals(conn, open_jobs, s.model_type, s.max_snapshot_age_hours)
+        if refusals:
+            raise next(iter(refusals.values()))
     bq.labels = job_labels(run.dag_id, s.model_type, [j.tenant_id for j in jobs], run.run_id)
     model = ledger.run_model(s.declaration, jobs[0])
     planned = [j for j in jobs if j.snapshot_table is not None]
@@ -52,7 +54,7 @@ def plan_chunks(s: Settings, run: RunKey, max_map_length: int) -> list[dict[str,
     else:  # a retried or cleared plan keeps the first plan's snapshot, chunking and offsets
         jobs = _keep_snapshot(s, run, bq, source, jobs, planned, model)
     with postgres(s.postgres_conn_id) as conn:
-        todo = {job.id: ledger.plan_chunks(conn, job) for job in jobs if job.snapshot_table is not None}
+        todo = ledger.plan_chunks(conn, [job for job in jobs if job.snapshot_table is not None])
     chunks = _merged_chunks(jobs, todo)
     size = next(j.chunk_size for j in jobs if j.chunk_size)
     total = sum(j.total_records or 0 for j in jobs)
@@ -247,29 +249,29 @@ def _take_snapshot(
                     "(duplicate_source_rows)",
                     had - got, tenant, source, ", ".join(model.conflict_key), ", ".join(model.order_key),
                 )  # fmt: skip
-        recorded = []
+        plans = [
+            ledger.PlanRecord(
+                job_id=job.id,
+                total_records=counts.get(job.tenant_id, 0),
+                chunk_size=chunk_size,
+                source_table=str(source),
+                snapshot_table=str(snapshot),
+                snapshot_at=as_of,
+                target_snapshot=target_snapshot,
+                estimated_bytes=estimate,
+                duplicate_source_rows=expected.get(job.tenant_id, 0) - counts.get(job.tenant_id, 0),
+                snapshot_offset=bases[job.tenant_id],
+            )
+            for job in jobs
+            if job.tenant_id in bases
+        ]
         with postgres(s.postgres_conn_id) as conn:  # every job's plan in one transaction: all planned, or none
             for job in jobs:
                 if job.tenant_id not in bases:
                     why = _empty_message(source, as_of, job.tenant_id) + " (the fleet's other tenants go on)"
                     ledger.fail_job(conn, run, why, job_id=job.id)
-                    recorded.append(job)
-                    continue
-                recorded.append(
-                    ledger.record_plan(
-                        conn,
-                        job,
-                        total_records=counts.get(job.tenant_id, 0),
-                        chunk_size=chunk_size,
-                        source_table=str(source),
-                        snapshot_table=str(snapshot),
-                        snapshot_at=as_of,
-                        target_snapshot=target_snapshot,
-                        estimated_bytes=estimate,
-                        duplicate_source_rows=expected.get(job.tenant_id, 0) - counts.get(job.tenant_id, 0),
-                        snapshot_offset=bases[job.tenant_id],
-                    )
-                )
+            planned = {j.id: j for j in ledger.record_plans(conn, plans)}
+        recorded = [planned.get(job.id, job) for job in jobs]
         return recorded
     except BaseException:
         bq.drop_snapshot(snapshot)  # no job refers to it: nothing else would ever drop it
