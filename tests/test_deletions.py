@@ -126,8 +126,14 @@ def test_a_dry_run_reports_the_rows_missing_from_the_source_and_writes_nothing(p
     ledger_before = table_state(pg, "bigquery_backfill_jobs")
     target_before = table_state(pg, "inventory_movements")
 
-    assert backfill_dag.test(run_conf=conf(dry_run=True, delete_missing=True, max_deleted_rows=10)).state == "success"
+    # a fleet's dry run: both tenants' keys in one read; the other tenant has target rows and none in the source
+    dry = conf(tenant_id=None, tenant_ids=[SEED_TENANT, OTHER_TENANT], dry_run=True, delete_missing=True)
+    assert backfill_dag.test(run_conf=dry).state == "success"
 
-    assert "dry run: 4 target rows of tenant aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee in inventory_movements" in caplog.text
+    lines = [line for line in caplog.text.splitlines() if "dry run: tenant" in line]
+    assert len(lines) == 2
+    seed, other = (next(line for line in lines if t in line) for t in (SEED_TENANT, OTHER_TENANT))
+    assert "has 996 rows in" in seed and "; 4 of its target rows in inventory_movements have a key" in seed
+    assert "has 0 rows in" in other and "; 50 of its target rows in inventory_movements have a key" in other
     assert table_state(pg, "bigquery_backfill_jobs") == ledger_before
     assert table_state(pg, "inventory_movements") == target_before

@@ -195,7 +195,8 @@ def test_a_named_tenant_without_rows_fails_its_job_and_the_others_complete(pg, b
 def test_a_jobs_chunk_rows_are_its_part_of_each_chunk_of_the_runs_snapshot(pg):
     """A tenant of 5,000 rows from offset 30,000 of the run's snapshot, chunks of 4,000: its parts of chunks 7 and 8
     (offsets past a smallint's range: the statement's arithmetic is bigint whatever the driver binds small ints as)."""
-    job, _ = ledger.claim_job(pg, ledger.RunKey("bigquery_backfill", "parts"), FLEET[0], "inventory")
+    claimed, _ = ledger.claim_jobs(pg, ledger.RunKey("bigquery_backfill", "parts"), [FLEET[0]], "inventory")
+    job, _ = claimed[FLEET[0]]
     snapshot = pg.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
     [job] = ledger.record_plans(pg, [ledger.PlanRecord(
         job.id, total_records=5_000, chunk_size=4_000, source_table="analytics.inventory_movements",

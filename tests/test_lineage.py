@@ -11,7 +11,7 @@ import sys
 
 from helpers import ROOT, conf
 
-from devtools.seed import PROJECT, SEED_TENANT, create_source, inventory_rows
+from devtools.seed import OTHER_TENANT, PROJECT, SEED_TENANT, create_source, inventory_rows
 
 RUN = """
 import json, sys
@@ -39,9 +39,10 @@ def _run_with_lineage(tmp_path, run_conf: dict) -> tuple[str, list[dict]]:
 
 
 def test_a_completed_run_reports_source_and_target_with_schemas_and_rows_written(airflow_db, pg, bq, tmp_path):
-    create_source(bq, inventory_rows(SEED_TENANT, 600))
+    """A fleet of two: one output per tenant, each its subset of the table with its own row count."""
+    create_source(bq, inventory_rows(SEED_TENANT, 600) + inventory_rows(OTHER_TENANT, 200))
 
-    state, events = _run_with_lineage(tmp_path, conf())
+    state, events = _run_with_lineage(tmp_path, conf(tenant_id=None, tenant_ids=[SEED_TENANT, OTHER_TENANT]))
 
     assert state == "success"
     [complete] = [
@@ -51,12 +52,20 @@ def test_a_completed_run_reports_source_and_target_with_schemas_and_rows_written
     assert (source["namespace"], source["name"]) == ("bigquery", f"{PROJECT}.analytics.inventory_movements")
     fields = {f["name"]: f["type"] for f in source["facets"]["schema"]["fields"]}
     assert fields["movement_date"] == "DATE" and fields["quantity"] == "NUMERIC" and fields["tenant_id"] == "STRING"
-    [target] = complete["outputs"]
+    target, other = complete["outputs"]
     dsn = pg.info
-    assert target["namespace"] == f"postgres://{dsn.host}:{dsn.port}"
-    assert target["name"] == f"{dsn.dbname}.public.inventory_movements"
+    for output in (target, other):
+        assert output["namespace"] == f"postgres://{dsn.host}:{dsn.port}"
+        assert output["name"] == f"{dsn.dbname}.public.inventory_movements"
     assert {f["name"]: f["type"] for f in target["facets"]["schema"]["fields"]}["quantity"] == "numeric(18,4)"
-    assert target["outputFacets"]["outputStatistics"]["rowCount"] == 600
+    rows = {
+        o["outputFacets"]["subset"]["outputCondition"]["right"]["value"]: o["outputFacets"]["outputStatistics"][
+            "rowCount"
+        ]
+        for o in (target, other)
+    }
+    assert rows == {SEED_TENANT: 600, OTHER_TENANT: 200}
+    assert target["outputFacets"]["subset"]["outputCondition"]["left"] == {"field": "tenant_id", "type": "field"}
     # the other tasks ran and were reported too, without datasets of their own
     assert {e["job"]["name"] for e in events} >= {
         "bigquery_backfill.cleanup_stale_jobs",

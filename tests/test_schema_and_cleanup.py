@@ -168,7 +168,8 @@ def test_cleanup_deletes_only_the_targeted_tenant_and_model(pg):
     target = table_state(pg, "inventory_movements")
 
     with pg.transaction():
-        deleted = ledger.delete_stale_jobs(pg, RUN, SEED_TENANT, "inventory", unknown_to_airflow)
+        assert ledger.stale_job_refusals(pg, RUN, [SEED_TENANT], "inventory", unknown_to_airflow) == {}
+        [deleted] = ledger.delete_stale_jobs(pg, RUN, [SEED_TENANT], "inventory").values()
         blocked = ledger.ensure_active_job_index(pg)
 
     assert deleted == {
@@ -192,7 +193,7 @@ def test_one_active_job_index_refuses_a_second_pending_job(pg):
     ledger.apply_schema(pg)
     legacy_jobs(pg, SEED_TENANT, "inventory", running=1, pending=206)
     with pg.transaction():
-        ledger.delete_stale_jobs(pg, RUN, SEED_TENANT, "inventory", unknown_to_airflow)
+        ledger.delete_stale_jobs(pg, RUN, [SEED_TENANT], "inventory")
         assert ledger.ensure_active_job_index(pg) == []
     legacy_jobs(pg, SEED_TENANT, "inventory", running=0, pending=1)  # one active job: allowed
 
@@ -227,8 +228,11 @@ def test_cleanup_claims_the_runs_job_before_the_snapshot_is_taken(pg, bq):
     ).fetchall()
     assert job == ("running", RUN.run_id, None, None)  # claimed; plan_chunks records the snapshot
     # while plan_chunks runs the snapshot query, no other run can claim a job for the tenant+model ...
-    with pytest.raises(RuntimeError, match="another pending/running backfill job exists"):
-        ledger.claim_job(pg, RunKey("bigquery_backfill", "manual__other"), SEED_TENANT, "inventory")
+    # (claimed in one batch with another tenant, which is claimed: the refusal is the one tenant's)
+    other = RunKey("bigquery_backfill", "manual__other")
+    claimed, refused = ledger.claim_jobs(pg, other, [SEED_TENANT, OTHER_TENANT], "inventory")
+    assert list(claimed) == [OTHER_TENANT] and list(refused) == [SEED_TENANT]
+    assert "another pending/running backfill job exists" in str(refused[SEED_TENANT])
     # ... and, once the setup has made the index over every writer, no legacy writer either
     setup_database(pg, None, False, inventory_schema)
     with pytest.raises(psycopg.errors.UniqueViolation, match="bigquery_backfill_jobs_one_active"):

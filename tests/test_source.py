@@ -82,8 +82,9 @@ def test_the_tenant_matches_in_either_letter_case(bq):
         src.new_snapshot(MODEL, src.table(MODEL.source_table), {SEED_TENANT: 0}, snap, src.now(), 1000)[SEED_TENANT]
         == 1_000
     )
-    batches = src.read_tenant_keys(MODEL, src.table(MODEL.source_table), SEED_TENANT.upper())
+    batches = list(src.read_tenant_keys(MODEL, src.table(MODEL.source_table), [SEED_TENANT.upper()]))
     assert sum(b.num_rows for b in batches) == 1_000
+    assert {t for b in batches for t in b.column("tenant_id").to_pylist()} == {SEED_TENANT}  # lower-cased
 
 
 def test_the_scratch_dataset_is_made_in_the_sources_location_and_a_mismatch_is_refused(bq):

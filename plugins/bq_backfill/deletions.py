@@ -52,9 +52,12 @@ def load_snapshot_keys(
     load_keys(conn, model, (b for lo, hi in ranges for b in bq.read_chunk(snapshot, lo, hi, key_cols)))
 
 
-def load_keys(conn: psycopg.Connection, model: Model, batches: Iterable[pa.Table | pa.RecordBatch]) -> None:
-    """Keys (the key columns after the tenant; NULL-keyed ones left out) in a temp table for this transaction."""
-    key_cols = list(model.conflict_key[1:])
+def load_keys(
+    conn: psycopg.Connection, model: Model, batches: Iterable[pa.Table | pa.RecordBatch], tenants: bool = False
+) -> None:
+    """Keys (the key columns after the tenant, or with `tenants` all of them; NULL-keyed ones left out) in a temp
+    table for this transaction."""
+    key_cols = list(model.conflict_key if tenants else model.conflict_key[1:])
     typed = sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in model.columns if c.name in key_cols
     )
@@ -90,12 +93,23 @@ _WRITTEN_BEFORE_PLAN = sql.SQL(
 _CURRENT = sql.SQL("(SELECT pg_current_xact_id()::text::bigint AS x) AS cur")
 
 
-def count_all_missing(conn: psycopg.Connection, model: Model, tenant_id: str) -> int:
-    """The tenant's target rows, however recent, whose key is not among the loaded keys."""
-    query = sql.SQL("SELECT count(*) FROM {target} AS t WHERE {missing}").format(
-        target=sql.Identifier(model.target_table), missing=_missing(model)
+def count_all_missing(conn: psycopg.Connection, model: Model, tenant_ids: list[str]) -> dict[str, int]:
+    """Each tenant's target rows, however recent, whose key is not among the keys loaded with their tenant
+    (load_keys(tenants=True)); one statement for all the tenants."""
+    tenant = next(c for c in model.columns if c.name == model.tenant_column)
+    match = sql.SQL(" AND ").join(sql.SQL("k.{0} = t.{0}").format(sql.Identifier(c)) for c in model.conflict_key)
+    query = sql.SQL(
+        "SELECT t.{tenant}::text, count(*) FROM {target} AS t WHERE t.{tenant} = ANY(%s::{type}[]) "
+        "AND NOT EXISTS (SELECT 1 FROM {keys} k WHERE {match}) GROUP BY t.{tenant}"
+    ).format(
+        tenant=sql.Identifier(model.tenant_column),
+        target=sql.Identifier(model.target_table),
+        type=sql.SQL(tenant.pg_type),
+        keys=KEYS,
+        match=match,
     )
-    return int(conn.execute(query, {"tenant_id": tenant_id}).fetchone()[0])
+    found = {value.lower(): int(n) for value, n in conn.execute(query, [tenant_ids]).fetchall()}
+    return {t: found.get(t.lower(), 0) for t in tenant_ids}
 
 
 def count_missing(conn: psycopg.Connection, model: Model, tenant_id: str, plan_snapshot: str) -> tuple[int, int]:

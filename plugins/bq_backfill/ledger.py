@@ -158,20 +158,29 @@ LIVE_JOB_SECONDS = 15 * 60
 RunState = Callable[[str, str], "bool | None"]
 
 
-def lock_tenant_model(conn: psycopg.Connection, tenant_id: str, model_type: str) -> None:
-    conn.execute(sql_text("lock_tenant_model.sql"), {"tenant_id": tenant_id, "model_type": model_type})
+def lock_tenant_models(conn: psycopg.Connection, tenant_ids: list[str], model_type: str) -> None:
+    conn.execute(sql_text("lock_tenant_model.sql"), {"tenant_ids": sorted(tenant_ids), "model_type": model_type})
 
 
-def delete_stale_jobs(
-    conn: psycopg.Connection, run: RunKey, tenant_id: str, model_type: str, run_active: RunState
-) -> dict[str, int]:
-    """Deletes the tenant+model's pending/running/failed jobs of other runs, refusing (deleting nothing) if one of
-    them belongs to a run that is still alive."""
-    params = {"tenant_id": tenant_id, "model_type": model_type, **run.params()}
-    for other in _all(conn, "other_runs_jobs.sql", {**params, "live_seconds": LIVE_JOB_SECONDS}):
+def stale_job_refusals(
+    conn: psycopg.Connection, run: RunKey, tenant_ids: list[str], model_type: str, run_active: RunState
+) -> dict[str, ActiveRunError]:
+    """The tenants whose pending/running/failed jobs of other runs must not be deleted, each with why: one belongs
+    to a run that is still alive, or to the old loop while it still runs. Reads every tenant's jobs in one
+    statement, their locked chunks in another, and asks Airflow about each other run once."""
+    params = {"tenant_ids": tenant_ids, "model_type": model_type, "live_seconds": LIVE_JOB_SECONDS, **run.params()}
+    others = _all(conn, "other_runs_jobs.sql", params)
+    of_runs = [str(o["id"]) for o in others if o["dag_run_id"] is not None]
+    locked = {str(r["job_id"]): int(r["locked"]) for r in _all(conn, "locked_chunks.sql", {"job_ids": of_runs})}
+    said: dict[tuple[str, str], bool | None] = {}
+    refusals: dict[str, ActiveRunError] = {}
+    for other in others:  # by tenant, latest activity first
+        tenant_id = str(other["tenant_id"])
+        if tenant_id in refusals:
+            continue
         if other["dag_run_id"] is None:
             if other["status"] != "failed" and other["recent"]:
-                raise LegacyLoopRunningError(
+                refusals[tenant_id] = LegacyLoopRunningError(
                     f"tenant {tenant_id} model {model_type!r}: job {other['id']} of the old backfill loop (no dag "
                     f"run, {other['status']}) changed at {other['last_activity']:%Y-%m-%d %H:%M:%S%z}, less than "
                     f"{LIVE_JOB_SECONDS // 60} minutes ago: the old loop is still running, and would write over "
@@ -179,29 +188,40 @@ def delete_stale_jobs(
                     "wait until its jobs stop changing, then trigger again."
                 )
             continue
-        why = _alive(conn, other, run_active)
+        key = (other["dag_id"], other["dag_run_id"])
+        if key not in said:
+            said[key] = run_active(*key)
+        why = _alive(other, locked.get(str(other["id"]), 0), said[key])
         if why:
-            raise ActiveRunError(
+            refusals[tenant_id] = ActiveRunError(
                 f"tenant {tenant_id} model {model_type!r} is being backfilled by dag run {other['dag_run_id']} "
                 f"(job {other['id']}, {other['status']}: {why}); nothing deleted. "
                 "Wait for that run to end, or mark it failed, then trigger again."
             )
-    row = _one(conn, "cleanup_stale_jobs.sql", {**params, "live_seconds": LIVE_JOB_SECONDS})
-    assert row is not None
-    return {k: int(v) for k, v in row.items()}
+    return refusals
 
 
-def _alive(conn: psycopg.Connection, job: dict[str, Any], run_active: RunState) -> str | None:
-    """Why another run's job is still alive, or None if it is stale."""
-    locked = _one(conn, "locked_chunks.sql", {"job_id": job["id"]})
-    if locked and locked["locked"]:
-        return f"{locked['locked']} of its chunks being written right now"
-    active = run_active(job["dag_id"], job["dag_run_id"])
+def _alive(job: dict[str, Any], locked: int, active: bool | None) -> str | None:
+    """Why another run's job is still alive, or None if it is stale: `locked` of its chunks are being written,
+    `active` is what Airflow says of its run."""
+    if locked:
+        return f"{locked} of its chunks being written right now"
     if active:
         return "Airflow says its run is still queued or running"
     if active is None and job["status"] != "failed" and job["recent"]:
         return f"a run Airflow does not know, last progress {job['last_activity']:%Y-%m-%d %H:%M:%S%z}"
     return None
+
+
+def delete_stale_jobs(
+    conn: psycopg.Connection, run: RunKey, tenant_ids: list[str], model_type: str
+) -> dict[str, dict[str, int]]:
+    """Deletes the tenants' (for one model) pending/running/failed jobs of other runs, once stale_job_refusals has
+    found none of them alive; returns the rows deleted by tenant (a tenant with none deleted: absent)."""
+    params = {"tenant_ids": tenant_ids, "model_type": model_type, "live_seconds": LIVE_JOB_SECONDS, **run.params()}
+    return {
+        str(r.pop("tenant_id")): {k: int(v) for k, v in r.items()} for r in _all(conn, "cleanup_stale_jobs.sql", params)
+    }
 
 
 def ensure_active_job_index(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -214,31 +234,58 @@ def ensure_active_job_index(conn: psycopg.Connection) -> list[dict[str, Any]]:
         return _all(conn, "duplicate_active_jobs.sql", {})
 
 
-def claim_job(conn: psycopg.Connection, run: RunKey, tenant_id: str, model_type: str) -> tuple[Job, bool]:
-    """Creates the run's job row or takes the existing one back, as `running`. Returns (job, created)."""
+def claim_jobs(
+    conn: psycopg.Connection, run: RunKey, tenant_ids: list[str], model_type: str
+) -> tuple[dict[str, tuple[Job, bool]], dict[str, ClaimRefusedError]]:
+    """Creates each tenant's job row of the run or takes the existing one back, as `running` (pipelined). Returns
+    ({tenant: (job, created)}, {tenant: why refused}): a tenant another writer holds a pending/running job of is
+    refused (the one-active-job index), the others claimed."""
+    params = [{"tenant_id": t, "model_type": model_type, **run.params()} for t in tenant_ids]
     try:
-        row = _one(conn, "claim_job.sql", {"tenant_id": tenant_id, "model_type": model_type, **run.params()})
-    except psycopg.errors.UniqueViolation as exc:
-        raise ClaimRefusedError(
-            f"another pending/running backfill job exists for tenant {tenant_id} model {model_type!r} "
-            f"(written by another writer); refusing to create a second one: {exc.diag.message_detail}"
-        ) from exc
-    assert row is not None
-    return _job(row), bool(row["created"])
+        with conn.transaction():  # a savepoint: a refused claim undoes the batch, then each is claimed on its own
+            rows = _each(conn, "claim_job.sql", params)
+        return {str(r["tenant_id"]): (_job(r), bool(r["created"])) for r in rows if r is not None}, {}
+    except psycopg.errors.UniqueViolation:
+        pass
+    claimed: dict[str, tuple[Job, bool]] = {}
+    refused: dict[str, ClaimRefusedError] = {}
+    for p in params:
+        try:
+            with conn.transaction():
+                row = _one(conn, "claim_job.sql", p)
+        except psycopg.errors.UniqueViolation as exc:
+            refused[p["tenant_id"]] = ClaimRefusedError(
+                f"another pending/running backfill job exists for tenant {p['tenant_id']} model {model_type!r} "
+                f"(written by another writer); refusing to create a second one: {exc.diag.message_detail}"
+            )
+            continue
+        assert row is not None
+        claimed[str(row["tenant_id"])] = (_job(row), bool(row["created"]))
+    return claimed, refused
 
 
-def record_model(conn: psycopg.Connection, job: Job, model: Model, ignored: list[str]) -> None:
-    """Records on the job the model's columns as resolved now, which every later task of the run uses, and the
-    source columns no model column reads (empty: none). A job already planned keeps the columns its snapshot was
-    taken with: a change since refuses the run."""
+def model_mismatch(job: Job, model: Model) -> ModelMismatchError | None:
+    """Why a job already planned cannot take the model's columns as resolved now: it keeps the columns its snapshot
+    was taken with, and a change since refuses the run."""
     record = model.as_record()
-    if job.snapshot_table is not None and job.model_columns is not None and job.model_columns != record:
-        changed = [c for c in (*job.model_columns, *record) if (c in record) != (c in job.model_columns)]
-        raise ModelMismatchError(
-            f"job {job.id}: model {model.model_type!r}'s columns changed since this run's snapshot was taken "
-            f"({'; '.join(' '.join(c) for c in changed)}): its snapshot no longer fits the target. Trigger a new run"
+    if job.snapshot_table is None or job.model_columns is None or job.model_columns == record:
+        return None
+    changed = [c for c in (*job.model_columns, *record) if (c in record) != (c in job.model_columns)]
+    return ModelMismatchError(
+        f"job {job.id}: model {model.model_type!r}'s columns changed since this run's snapshot was taken "
+        f"({'; '.join(' '.join(c) for c in changed)}): its snapshot no longer fits the target. Trigger a new run"
+    )
+
+
+def record_models(conn: psycopg.Connection, jobs: list[Job], model: Model, ignored: list[str]) -> None:
+    """Records on each job the model's columns as resolved now, which every later task of the run uses, and the
+    source columns no model column reads (empty: none); each job checked first by model_mismatch."""
+    record = Jsonb(model.as_record())
+    with conn.cursor() as cur:
+        cur.executemany(
+            sql_text("record_model.sql"),
+            [{"job_id": job.id, "model_columns": record, "ignored": ignored} for job in jobs],
         )
-    conn.execute(sql_text("record_model.sql"), {"job_id": job.id, "model_columns": Jsonb(record), "ignored": ignored})
 
 
 def run_model(declaration: Declaration, job: Job) -> Model:

@@ -1,6 +1,7 @@
 """OpenLineage for a backfill (apache-airflow-providers-openlineage): the finalize task of a completed run reports
-the BigQuery source table as its input and the Postgres target table as its output, each with its schema, and the
-rows the run wrote as the output's row count. Dataset names follow OpenLineage's naming spec: BigQuery
+the BigQuery source table as its input and the Postgres target table as its output, each with its schema: one output
+per completed tenant, its rows as OpenLineage's subset facet (tenant column EQUAL the tenant) and the rows the run
+wrote of it as its row count. Dataset names follow OpenLineage's naming spec: BigQuery
 `bigquery` / `project.dataset.table`, Postgres `postgres://host:port` / `database.schema.table`.
 
 Imported by the DAG file, so nothing heavy at import time."""
@@ -39,6 +40,12 @@ def run_lineage(result: dict[str, Any]) -> Any:
         SchemaDatasetFacetFields,
     )
     from airflow.providers.openlineage.extractors import OperatorLineage
+    from openlineage.client.generated.base_subset_dataset import (  # the provider's own client library
+        CompareSubsetCondition,
+        FieldBaseCompareExpression,
+        LiteralCompareExpression,
+        OutputSubsetOutputDatasetFacet,
+    )
 
     columns = result.get("columns") or []
 
@@ -52,11 +59,28 @@ def run_lineage(result: dict[str, Any]) -> Any:
     )
     target = urlsplit(result["asset_uri"])
     _, database, pg_schema, table = target.path.split("/")
-    written = int(result.get("inserted", 0)) + int(result.get("updated", 0))
-    output = OutputDataset(
-        namespace=f"postgres://{target.netloc}",
-        name=f"{database}.{pg_schema}.{table}",
-        facets={"schema": schema({name: pg_type for name, pg_type, _, _ in columns})},
-        outputFacets={"outputStatistics": OutputStatisticsOutputDatasetFacet(rowCount=written)},
-    )
-    return OperatorLineage(inputs=[source], outputs=[output])
+    tenant_column = result.get("tenant_column") or "tenant_id"
+    jobs = result.get("jobs") or [{"tenant_id": result.get("tenant_id"), **result}]
+    outputs = []
+    for i, job in enumerate(jobs):
+        # one dataset: its schema once; each tenant's rows a subset of it, with their own row count
+        subset = OutputSubsetOutputDatasetFacet(
+            outputCondition=CompareSubsetCondition(
+                left=FieldBaseCompareExpression(field=tenant_column),
+                right=LiteralCompareExpression(value=str(job["tenant_id"])),
+                comparison="EQUAL",
+            )
+        )
+        written = int(job.get("inserted", 0)) + int(job.get("updated", 0))
+        outputs.append(
+            OutputDataset(
+                namespace=f"postgres://{target.netloc}",
+                name=f"{database}.{pg_schema}.{table}",
+                facets={"schema": schema({name: pg_type for name, pg_type, _, _ in columns})} if i == 0 else {},
+                outputFacets={
+                    "subset": subset,
+                    "outputStatistics": OutputStatisticsOutputDatasetFacet(rowCount=written),
+                },
+            )
+        )
+    return OperatorLineage(inputs=[source], outputs=outputs)

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from airflow.providers.google.common.consts import CLIENT_INFO
 from google.api_core.client_options import ClientOptions
 from google.api_core.exceptions import (
@@ -452,16 +453,20 @@ class BigQuerySource:
             return self._stream(names[0], schema)
         return _merged([self._stream(name, schema) for name in names])
 
-    def read_tenant_keys(self, model: Model, source: TableRef, tenant_id: str) -> Iterator[pa.RecordBatch]:
-        """The key columns of the tenant's rows in the source as it is now, a batch at a time (a dry run's look at
-        what the target holds beyond the source). Bills the key columns of the source table."""
-        if not _UUID.match(tenant_id):
-            raise ValueError(f"tenant_id {tenant_id!r} is not a uuid")  # goes into the restriction's text
-        forms = ", ".join(f'"{t}"' for t in dict.fromkeys([tenant_id.lower(), tenant_id.upper()]))
-        key = list(model.conflict_key[1:])
+    def read_tenant_keys(self, model: Model, source: TableRef, tenant_ids: list[str]) -> Iterator[pa.RecordBatch]:
+        """The tenant column (lower-cased) and key columns of the tenants' rows in the source as it is now, a batch at
+        a time, with one read session (a dry run's look at what the target holds beyond the source). Bills the tenant
+        and key columns of the source table."""
+        for tenant_id in tenant_ids:
+            if not _UUID.match(tenant_id):
+                raise ValueError(f"tenant_id {tenant_id!r} is not a uuid")  # goes into the restriction's text
+        forms = ", ".join(f'"{t}"' for t in dict.fromkeys(f for t in tenant_ids for f in (t.lower(), t.upper())))
+        columns = [model.tenant_column, *model.conflict_key[1:]]
         restriction = f"`{model.source_name(model.tenant_column)}` IN ({forms})"
-        _, batches = self._read(source, restriction, [model.source_name(c) for c in key])
-        return (batch.rename_columns(key) for batch in batches)
+        _, batches = self._read(source, restriction, [model.source_name(c) for c in columns])
+        for batch in batches:
+            named = batch.rename_columns(columns)
+            yield named.set_column(0, model.tenant_column, pc.utf8_lower(named.column(0)))
 
     def _read(
         self, table: TableRef, restriction: str, columns: list[str]

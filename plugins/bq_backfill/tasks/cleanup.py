@@ -14,7 +14,7 @@ from bq_backfill import ledger, target_checks
 from bq_backfill.connections import bigquery, postgres, source_table
 from bq_backfill.errors import EmptySourceError, SourceReadError
 from bq_backfill.ledger import RunKey
-from bq_backfill.models import Model, ModelMismatchError, Resolution, resolve
+from bq_backfill.models import Model, Resolution, resolve
 from bq_backfill.settings import UUID_PATTERN, FleetConfError, Settings, max_fleet_tenants
 from bq_backfill.source import BigQuerySource, TableRef
 
@@ -35,9 +35,6 @@ def airflow_run_active(dag_id: str, run_id: str) -> bool | None:
 # Tenants cleaned and claimed per transaction: each holds an advisory lock per tenant until it commits, and a
 # server's lock table is shared by all sessions (max_locks_per_transaction x max_connections).
 CLAIM_BATCH = 200
-# What makes one tenant of a fleet unclaimable: named, and the fleet's other tenants go on
-REFUSALS = (ledger.ActiveRunError, ledger.ClaimRefusedError, ledger.SupersededError, ledger.SnapshotTooOldError,
-            ModelMismatchError)  # fmt: skip
 
 
 def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = airflow_run_active) -> dict[str, Any]:
@@ -61,25 +58,24 @@ def cleanup_stale_jobs(s: Settings, run: RunKey, run_active: ledger.RunState = a
     errors: dict[str, Exception] = {}
     created = 0
     verb = "would delete" if s.dry_run else "deleted"
+    with postgres(s.postgres_conn_id) as conn:  # this run's jobs already there (a cleanup retried or cleared)
+        own = {j.tenant_id: j for j in ledger.find_run_jobs(conn, run)}
     for at in range(0, len(tenants), CLAIM_BATCH):
         with postgres(s.postgres_conn_id) as conn:
-            for tenant in tenants[at : at + CLAIM_BATCH]:
-                try:
-                    with conn.transaction():  # a savepoint: a refused tenant undoes only its own statements
-                        deleted, new = _claim(s.for_tenant(tenant), run, conn, model, resolution, run_active)
-                except REFUSALS as exc:
-                    refused[tenant], errors[tenant] = str(exc), exc
-                    log.error("tenant %s refused: %s", tenant, exc)
-                    continue
-                totals.update(deleted)
-                created += new
-                if deleted["jobs_deleted"] or deleted["progress_deleted"]:
-                    log.info(
-                        "cleanup for tenant %s model %s: %s %d stale job rows (%d pending, %d running, %d failed) "
-                        "and %d progress rows",
-                        tenant, s.model_type, verb, deleted["jobs_deleted"], deleted["pending_deleted"],
-                        deleted["running_deleted"], deleted["failed_deleted"], deleted["progress_deleted"],
-                    )  # fmt: skip
+            batch = tenants[at : at + CLAIM_BATCH]
+            deleted, new, refusals = _claim(s, run, conn, model, resolution, run_active, batch, own)
+            for tenant, exc in refusals.items():
+                refused[tenant], errors[tenant] = str(exc), exc
+                log.error("tenant %s refused: %s", tenant, exc)
+            for tenant, counts in deleted.items():
+                totals.update(counts)
+                log.info(
+                    "cleanup for tenant %s model %s: %s %d stale job rows (%d pending, %d running, %d failed) "
+                    "and %d progress rows",
+                    tenant, s.model_type, verb, counts["jobs_deleted"], counts["pending_deleted"],
+                    counts["running_deleted"], counts["failed_deleted"], counts["progress_deleted"],
+                )  # fmt: skip
+            created += new
             if s.dry_run:
                 raise psycopg.Rollback()  # the same statements, undone; the transaction block swallows it
     if len(refused) == len(tenants):
@@ -123,14 +119,27 @@ def _claim(
     model: Model,
     resolution: Resolution,
     run_active: ledger.RunState,
-) -> tuple[dict[str, int], bool]:
-    """One tenant's cleanup and claim: its stale jobs deleted, its job for this run created or taken back."""
-    ledger.lock_tenant_model(conn, s.tenant_id, s.model_type)
-    deleted = ledger.delete_stale_jobs(conn, run, s.tenant_id, s.model_type, run_active)
-    job, created = ledger.claim_job(conn, run, s.tenant_id, s.model_type)
-    ledger.refuse_old_snapshot(conn, job, s.model_type, s.max_snapshot_age_hours)
-    ledger.record_model(conn, job, model, resolution.ignored)
-    return deleted, created
+    tenants: list[str],
+    own: dict[str, ledger.Job],
+) -> tuple[dict[str, dict[str, int]], int, dict[str, Exception]]:
+    """A batch of tenants' cleanup and claim, in one transaction, a statement or pipelined batch per step: under
+    each tenant+model's lock, the tenants that cannot be claimed are found first (a live job of another run, the old
+    loop still running, this run's snapshot too old or superseded, its model changed), then the others' stale jobs
+    are deleted and their jobs created or taken back. Returns (rows deleted by tenant, jobs created, refusals)."""
+    ledger.lock_tenant_models(conn, tenants, s.model_type)
+    refused: dict[str, Exception] = dict(ledger.stale_job_refusals(conn, run, tenants, s.model_type, run_active))
+    taken_back = [own[t] for t in tenants if t in own and t not in refused]
+    old = ledger.old_snapshot_refusals(conn, taken_back, s.model_type, s.max_snapshot_age_hours)
+    for job in taken_back:
+        why = old.get(job.id) or ledger.model_mismatch(job, model)
+        if why is not None:
+            refused[job.tenant_id] = why
+    claimable = [t for t in tenants if t not in refused]
+    deleted = ledger.delete_stale_jobs(conn, run, claimable, s.model_type)
+    claimed, refusals = ledger.claim_jobs(conn, run, claimable, s.model_type)
+    refused.update(refusals)
+    ledger.record_models(conn, [job for job, _ in claimed.values()], model, resolution.ignored)
+    return deleted, sum(1 for _, created in claimed.values() if created), refused
 
 
 def fleet(s: Settings, bq: BigQuerySource, source: TableRef, model: Model) -> list[str]:

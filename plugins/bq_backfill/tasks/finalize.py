@@ -115,6 +115,7 @@ def finalize(
         "source_table": first["source_table"],
         "columns": first["columns"],
         "asset_uri": first["asset_uri"],
+        "tenant_column": s.declaration.tenant_column,
         "jobs": [
             {
                 "job_id": d["job_id"],
@@ -207,7 +208,12 @@ def _proven_exact(
                 candidates[job.tenant_id], jobs[job.tenant_id] = proofs, job.id
         holding = chunk_proofs.tenants_hold_only(conn, checks[0][1], candidates)
     exact = {jobs[t] for t in holding}
-    if exact:
+    if len(checks) == 1 and exact:
+        log.info(
+            "key check: the tenant's target rows are its %d chunks' proven rows, no more",
+            len(candidates[holding.pop()]),
+        )
+    elif exact:
         log.info(
             "key check: %d of %d tenants' target rows are their chunks' proven rows, no more (one aggregate)",
             len(exact), len(checks),

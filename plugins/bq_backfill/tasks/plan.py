@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -111,22 +112,23 @@ def _dry_run(s: Settings, run: RunKey, bq: BigQuerySource, source: TableRef, max
     bq.locate(source, s.scratch_dataset, create=False)
     estimate = bq.estimate_snapshot_bytes(model, source, tenants)
     log.info("dry run: %s", _bytes_line(estimate, s.maximum_bytes_billed))
-    total = 0
-    for tenant in tenants:
-        # One read of the tenant's key columns, streamed into a temp table (gone with the transaction: nothing
-        # written), gives both its row count and what the target holds beyond it.
-        read = [0]
+    rows: Counter[str] = Counter()
+    for at in range(0, len(tenants), DRY_RUN_TENANTS_PER_READ):
+        group = tenants[at : at + DRY_RUN_TENANTS_PER_READ]
+        # One read of the tenants' key columns, streamed into a temp table (gone with the transaction: nothing
+        # written), gives both their row counts and what the target holds beyond them.
         with postgres(s.postgres_conn_id) as conn:
-            deletions.load_keys(conn, model, _counted(bq.read_tenant_keys(model, source, tenant), read))
-            gone = deletions.count_all_missing(conn, model, tenant)
-        total += read[0]
-        log.info("dry run: tenant %s has %d rows in %s", tenant, read[0], source)
-        log.info(
-            "dry run: %d target rows of tenant %s in %s have a key that is not in %s now (deleted there since an "
-            "earlier sync)%s",
-            gone, tenant, model.target_table, source,
-            "; delete_missing would delete those written before its plan" if gone else "",
-        )  # fmt: skip
+            batches = _counted(bq.read_tenant_keys(model, source, group), rows, model.tenant_column)
+            deletions.load_keys(conn, model, batches, tenants=True)
+            gone = deletions.count_all_missing(conn, model, group)
+        for tenant in group:
+            log.info(
+                "dry run: tenant %s has %d rows in %s; %d of its target rows in %s have a key that is not in %s now "
+                "(deleted there since an earlier sync)%s",
+                tenant, rows[tenant], source, gone[tenant], model.target_table, source,
+                "; delete_missing would delete those written before its plan" if gone[tenant] else "",
+            )  # fmt: skip
+    total = sum(rows.values())
     size = fit_chunk_size(total, s.chunk_size, max_map_length)
     log.info(
         "dry run: %d tenant(s), %d rows; plan would be %d chunks of %d rows (max_map_length %d); nothing written",
@@ -134,9 +136,15 @@ def _dry_run(s: Settings, run: RunKey, bq: BigQuerySource, source: TableRef, max
     )  # fmt: skip
 
 
-def _counted(batches: Iterator[pa.RecordBatch], read: list[int]) -> Iterator[pa.RecordBatch]:
+# Tenants whose keys a dry run reads with one read session (each is named in its row restriction)
+DRY_RUN_TENANTS_PER_READ = 500
+
+
+def _counted(batches: Iterator[pa.RecordBatch], rows: Counter[str], tenant_column: str) -> Iterator[pa.RecordBatch]:
+    """The batches, each batch's rows counted by tenant on the way."""
     for batch in batches:
-        read[0] += batch.num_rows
+        counts = batch.column(tenant_column).value_counts()
+        rows.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)))
         yield batch
 
 
