@@ -145,8 +145,11 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
                 stack.enter_context(reader)
             conn = stack.enter_context(postgres(s.postgres_conn_id))
             # shows in pg_stat_activity which chunk (and which worker process) a session belongs to
+            # A chunk's reads are index range scans of a few thousand rows, each in a statement of its own: a
+            # parallel plan (which a statement over several tenants' ranges gets) only adds its workers' start.
             conn.execute(
-                "SELECT set_config('application_name', %s, true)",
+                "SELECT set_config('application_name', %s, true), set_config('max_parallel_workers_per_gather', '0', "
+                "true)",
                 [f"bigquery_backfill chunk {index} pid {os.getpid()}"],
             )
             triggers = target_checks.write_guards(conn, model, ledger.LEDGER_TABLES)
