@@ -214,3 +214,53 @@ def test_text_keys_in_a_linguistic_collation_land_and_reconcile(pg, bq, backfill
     assert backfill_dag.test(run_conf=conf()).state == "success"  # again, with the proofs the last run recorded
     assert table_state(pg, "inventory_movements") == before
     assert sorted(target_rows(pg, SEED_TENANT)) == as_tuples(source)
+
+
+def test_one_slice_of_several_tenants_lands_each_by_its_own_path_and_a_refused_row_names_its_tenant(pg):
+    """A fleet's slice holds several tenants' rows: those with empty key ranges land by one COPY, a proven one is left
+    alone, one already there is unchanged, one that differs is upserted, each counted as its own; every tenant ends
+    as the upsert would leave it. A row the target refuses in the shared COPY is pinned on its tenant."""
+    from bq_backfill import range_proofs
+
+    ledger.apply_schema(pg)
+    tenants = [f"{i:08x}-3333-4000-8000-000000000000" for i in range(6)]
+    rows = {t: _chunk_rows(inventory_rows(t, 40 + 10 * i)) for i, t in enumerate(tenants)}
+
+    def proof(t: str) -> range_proofs.ProofKey:
+        return range_proofs.ProofKey(t, "inventory", range_proofs.digest(MODEL, rows[t]), "0" * 32)
+
+    def slices(*which: str) -> list[sink.TenantRows]:
+        return [sink.TenantRows(t, rows[t], proof=proof(t)) for t in which]
+
+    with pg.transaction():  # tenants 2, 3, 4 landed earlier (2 with its proof recorded); 4 then changed
+        sink.land_slices(pg, MODEL, slices(*tenants[2:5]))
+    pg.execute("DELETE FROM backfill_range_proofs WHERE tenant_id <> %s", [tenants[2]])
+    changed = tenants[4]
+    pg.execute("UPDATE inventory_movements SET quantity = quantity + 1 WHERE tenant_id = %s", [changed])
+
+    with pg.transaction():
+        landed = sink.land_slices(pg, MODEL, slices(*tenants[:5]))
+
+    assert [x.path for x in landed] == ["copy", "copy", "proven", "unchanged", "upsert"]
+    assert [(x.inserted, x.updated, x.unchanged) for x in landed] == [
+        (40, 0, 0), (50, 0, 0), (0, 0, 60), (0, 0, 70), (0, 80, 0),
+    ]  # fmt: skip
+    for t in tenants[:5]:
+        assert target_rows(pg, t) == as_tuples(rows[t].drop_columns([sink.OFFSET_COLUMN]).to_pylist())
+    # the two COPYd tenants share one COPY, so one row version; each records its own proof of it
+    assert len({*landed[0].versions, *landed[1].versions}) == 1
+    assert [sum(x.versions.values()) for x in landed[:2]] == [40, 50]
+
+    # a constraint that refuses one row of the last tenant: the shared COPY is undone, the refusal is that tenant's
+    code = rows[tenants[5]]["product_code"][7].as_py()
+    pg.execute(
+        sql.SQL(
+            "ALTER TABLE inventory_movements ADD CONSTRAINT refuse_one "
+            "CHECK (NOT (tenant_id = {} AND product_code = {}))"
+        ).format(sql.Literal(tenants[5]), sql.Literal(code))
+    )
+    pg.execute("DELETE FROM inventory_movements WHERE tenant_id = ANY(%s::uuid[])", [tenants[:2]])
+    with pytest.raises(sink.SliceFailedError) as failed, pg.transaction():
+        sink.land_slices(pg, MODEL, slices(tenants[0], tenants[5], tenants[1]))
+    assert failed.value.index == 1 and isinstance(failed.value.__cause__, psycopg.errors.CheckViolation)
+    pg.execute("ALTER TABLE inventory_movements DROP CONSTRAINT refuse_one")
