@@ -250,14 +250,15 @@ def chunk_rss(chunk_size: int) -> float:
     as_of = src.now()
     total = src.new_snapshot(model, source, {SEED_TENANT: 0}, snap, as_of, chunk_size)[SEED_TENANT]
     with psycopg.connect(os.environ["BENCH_DSN"]) as conn:
-        job, _ = ledger.claim_job(conn, ledger.RunKey("bench", f"rss-{chunk_size}"), SEED_TENANT, "inventory")
-        ledger.record_model(conn, job, model, [])
+        claimed, _ = ledger.claim_jobs(conn, ledger.RunKey("bench", f"rss-{chunk_size}"), [SEED_TENANT], "inventory")
+        job, _ = claimed[SEED_TENANT]
+        ledger.record_models(conn, [job], model, [])
         target_snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
-        job = ledger.record_plan(
-            conn, job, total_records=total, chunk_size=chunk_size, source_table=model.source_table,
+        [job] = ledger.record_plans(conn, [ledger.PlanRecord(
+            job.id, total_records=total, chunk_size=chunk_size, source_table=model.source_table,
             snapshot_table=str(snap), snapshot_at=as_of, target_snapshot=target_snapshot,
-        )  # fmt: skip
-        ledger.plan_chunks(conn, job)
+        )])  # fmt: skip
+        ledger.plan_chunks(conn, [job])
         conn.commit()
     code = (
         "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/plugins'];"
