@@ -2,7 +2,9 @@
 emulator sends a session's rows in offset order, in one stream; BigQuery promises no order at all. The proxy reads each
 session it opens in full, shuffles the rows (seeded), splits them across as many streams as the request allows
 (`max_stream_count`, or 3 when the server may choose), cuts each stream into messages of uneven sizes, and serves
-those. An empty result is a session without streams, as BigQuery answers it. Every other call is forwarded."""
+those, with the selected fields in the reverse of the order asked (BigQuery sends them in the table's order, which
+need not be the order asked). An empty result is a session without streams, as BigQuery answers it. Every other
+call is forwarded."""
 
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ class ShufflingReadProxy:
         schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
         batches = [b for stream in session.streams for b in self._upstream_batches(stream.name, schema, metadata)]
         rows = pa.Table.from_batches(batches, schema=schema)
+        rows = rows.select(list(reversed(rows.column_names)))
+        session.arrow_schema = types.ArrowSchema(serialized_schema=rows.schema.serialize().to_pybytes())
         with self._lock:
             order = list(range(rows.num_rows))
             self._rng.shuffle(order)

@@ -463,9 +463,11 @@ class BigQuerySource:
         forms = ", ".join(f'"{t}"' for t in dict.fromkeys(f for t in tenant_ids for f in (t.lower(), t.upper())))
         columns = [model.tenant_column, *model.conflict_key[1:]]
         restriction = f"`{model.source_name(model.tenant_column)}` IN ({forms})"
-        _, batches = self._read(source, restriction, [model.source_name(c) for c in columns])
+        # the session sends the selected fields in the table's order, not the order asked: named back by name
+        names = {model.source_name(c): c for c in columns}
+        _, batches = self._read(source, restriction, list(names))
         for batch in batches:
-            named = batch.rename_columns(columns)
+            named = batch.rename_columns([names[n] for n in batch.schema.names]).select(columns)
             yield named.set_column(0, model.tenant_column, pc.utf8_lower(named.column(0)))
 
     def _read(

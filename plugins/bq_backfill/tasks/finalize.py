@@ -332,6 +332,8 @@ def _finalize_job(
             f"see backfill_quarantine WHERE job_id = '{job.id}'"
         )
     with transaction() as conn:
+        # checked again where the job completes: the key checks of the fleet's tenants before it can take hours
+        ledger.refuse_old_snapshot(conn, job, s.model_type, s.max_snapshot_age_hours)
         # Deletions in the source: counted always, deleted on request, in the transaction that completes the job.
         rejected = totals["rejected"]
         gone, deleted = _missing_from_source(s, model, conn, bq, job, snapshot, chunk_ranges, rejected, snapshot_keys)
