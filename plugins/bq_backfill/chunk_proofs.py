@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bq_backfill import range_proofs
+from bq_backfill import range_proofs, target_rows
 from bq_backfill.models import Model
 from bq_backfill.target_rows import KeyRange
 
@@ -78,14 +78,12 @@ def tenants_hold_only(conn: psycopg.Connection, model: Model, proofs: dict[str, 
     for tenant_id, chunk_proofs in proofs.items():
         for proof in chunk_proofs:
             expected[tenant_id].update(proof["versions"])
-    tenant = next(c for c in model.columns if c.name == model.tenant_column)
     query = sql.SQL(
-        "SELECT {tenant}::text, xmin::text, count(*) FROM {target} WHERE {tenant} = ANY(%s::{type}[]) "
-        "GROUP BY {tenant}, xmin"
+        "SELECT {tenant}::text, xmin::text, count(*) FROM {target} WHERE {of} GROUP BY {tenant}, xmin"
     ).format(
         tenant=sql.Identifier(model.tenant_column),
         target=sql.Identifier(model.target_table),
-        type=sql.SQL(tenant.pg_type),
+        of=target_rows.of_tenants(model),
     )
     found: dict[str, dict[str, int]] = {}
     asked = {t.lower(): t for t in proofs}

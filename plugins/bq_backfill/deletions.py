@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import sql
 
-from bq_backfill import sink
+from bq_backfill import sink, target_rows
 from bq_backfill.models import Model
 from bq_backfill.source import BigQuerySource, TableRef
 
@@ -96,15 +96,14 @@ _CURRENT = sql.SQL("(SELECT pg_current_xact_id()::text::bigint AS x) AS cur")
 def count_all_missing(conn: psycopg.Connection, model: Model, tenant_ids: list[str]) -> dict[str, int]:
     """Each tenant's target rows, however recent, whose key is not among the keys loaded with their tenant
     (load_keys(tenants=True)); one statement for all the tenants."""
-    tenant = next(c for c in model.columns if c.name == model.tenant_column)
     match = sql.SQL(" AND ").join(sql.SQL("k.{0} = t.{0}").format(sql.Identifier(c)) for c in model.conflict_key)
     query = sql.SQL(
-        "SELECT t.{tenant}::text, count(*) FROM {target} AS t WHERE t.{tenant} = ANY(%s::{type}[]) "
+        "SELECT t.{tenant}::text, count(*) FROM {target} AS t WHERE {of} "
         "AND NOT EXISTS (SELECT 1 FROM {keys} k WHERE {match}) GROUP BY t.{tenant}"
     ).format(
         tenant=sql.Identifier(model.tenant_column),
         target=sql.Identifier(model.target_table),
-        type=sql.SQL(tenant.pg_type),
+        of=target_rows.of_tenants(model, "t"),
         keys=KEYS,
         match=match,
     )

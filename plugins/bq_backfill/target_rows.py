@@ -151,6 +151,14 @@ def keys_in_range(
     return _parse_csv(text.encode(), columns, schema, parse)
 
 
+def of_tenants(model: Model, alias: str | None = None) -> sql.Composable:
+    """The condition "the row's tenant is one of %s" (one parameter: a list of tenants), in the tenant column's
+    type, so the key's index serves it."""
+    tenant = next(c for c in model.columns if c.name == model.tenant_column)
+    column = sql.Identifier(*filter(None, [alias, model.tenant_column]))
+    return sql.SQL("{} = ANY(%s::{}[])").format(column, sql.SQL(tenant.pg_type))
+
+
 def in_range(model: Model, keys: KeyRange) -> tuple[sql.Composable, list]:
     """The condition first <= key <= last on the key columns after the tenant, and its parameters."""
     key = sql.SQL(", ").join(map(sql.Identifier, model.conflict_key[1:]))

@@ -212,7 +212,7 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
                     ledger.ChunkDone(
                         part.job_id,
                         {**part.counts, **timing},
-                        "+".join(dict.fromkeys(part.paths)),  # e.g. "copy", or "upsert+copy" for slices that differ
+                        _paths(part.paths),
                         {**proven, "epoch": taken} if proven and taken else None,
                     )
                 )
@@ -230,7 +230,7 @@ def _land_chunk(s: Settings, model: Model, chunk: dict[str, Any], parts: list[Pa
     done = list(pending.values())
     counts = {k: sum(p.counts[k] for p in done) for k in COUNTS}
     t2 = time.monotonic()
-    paths = "+".join(dict.fromkeys(x for p in done for x in p.paths))
+    paths = _paths([x for p in done for x in p.paths])
     log.info(
         "%s: read %d · inserted %d · updated %d · unchanged %d · duplicate %d · rejected %d · rounded %d · "
         "written by %s · %.0f rows/s (waited for BigQuery %.2f s, wrote %.2f s)%s",
@@ -269,6 +269,16 @@ def _timed(reader: SliceReader, pending: dict[int, Part], starts: list[int]) -> 
         if mine:
             _charge(mine, time.monotonic() - waited, "read_seconds")
             yield mine
+
+
+# The write paths, cheapest first: a chunk whose slices differ records them in this order, whatever order they landed
+PATHS = ("copy", "proven", "unchanged", "upsert")
+
+
+def _paths(taken: list[str]) -> str:
+    """The paths a chunk's slices took, e.g. "copy" or "copy+upsert": the same for the same slices whichever order
+    BigQuery sent their rows in."""
+    return "+".join(p for p in PATHS if p in taken)
 
 
 def _charge(pieces: list[tuple[Part, Piece]], seconds: float, what: str) -> None:
