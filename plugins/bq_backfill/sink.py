@@ -207,33 +207,19 @@ def _land_copied(
     if not empty:
         return
     columns = list(model.column_names)
-    rows = pa.concat_tables([slices[i].rows.select(columns) for i in empty])
     try:
-        with conn.transaction():  # a savepoint: a failed COPY undoes only itself
-            copied = copy_arrow(conn, sql.Identifier(model.target_table), rows)
-            if copied != rows.num_rows:  # a trigger created without the caller knowing, or a rule
-                raise _ShortCopyError(copied)
-    except psycopg.errors.UniqueViolation:
-        return
-    except _ShortCopyError as exc:
-        if len(empty) == 1:  # never a short COPY
-            raise SliceFailedError(empty[0]) from TargetRowsDifferError(_differs(model, rows.num_rows, exc.copied, ()))
-        return
+        copied = _copy_into_empty_range(conn, model, pa.concat_tables([slices[i].rows.select(columns) for i in empty]))
     except psycopg.OperationalError:
         raise
-    except psycopg.DatabaseError as exc:
+    except (psycopg.DatabaseError, TargetRowsDifferError) as exc:
         if len(empty) == 1:
             raise SliceFailedError(empty[0]) from exc
+        return
+    if copied is None:
         return
     held = range_proofs.record_copied(conn, model, [(slices[i].proof, slices[i].rows) for i in empty])
     for i, versions in zip(empty, held, strict=True):
         landed[i] = Landed("copy", slices[i].rows.num_rows, 0, 0, versions)
-
-
-class _ShortCopyError(Exception):
-    def __init__(self, copied: int) -> None:
-        super().__init__(f"COPY wrote {copied} rows")
-        self.copied = copied
 
 
 def _land_compared(conn: psycopg.Connection, model: Model, piece: TenantRows, triggers: tuple[str, ...]) -> Landed:
@@ -249,8 +235,6 @@ def _land_compared(conn: psycopg.Connection, model: Model, piece: TenantRows, tr
             # empty now, though not when _land_copied asked, or its COPY failed: this slice alone
             copied = _copy_into_empty_range(conn, model, rows)
             if copied is not None:
-                if copied != n:
-                    raise TargetRowsDifferError(_differs(model, n, copied, triggers))
                 held = range_proofs.record_copied(conn, model, [(proof, rows)])[0]
                 return Landed("copy", copied, 0, 0, held)
         if existing is not None and _same_rows(model, rows, existing.select(columns)):
@@ -302,13 +286,17 @@ def _same_values(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
 
 
 def _copy_into_empty_range(conn: psycopg.Connection, model: Model, rows: pa.Table) -> int | None:
-    """COPY straight into the target: what an upsert would do when no key of the chunk is there, at the cost of a
-    plain COPY; returns the rows the server says it wrote. Inside a savepoint: a row written meanwhile by someone
-    else makes the COPY fail with a unique violation, which undoes only the COPY (returns None: take the upsert
-    path)."""
+    """COPY straight into the target: what an upsert would do when no key of the rows is there, at the cost of a
+    plain COPY; returns the rows written. Inside a savepoint, which undoes only the COPY: a row written meanwhile by
+    someone else makes it fail with a unique violation (returns None: take the upsert path); a COPY that wrote
+    fewer rows than it was given (a trigger created without the caller knowing, or a rule) raises
+    TargetRowsDifferError; a row the server refuses raises the server's error."""
     try:
         with conn.transaction():
-            return copy_arrow(conn, sql.Identifier(model.target_table), rows.select(list(model.column_names)))
+            copied = copy_arrow(conn, sql.Identifier(model.target_table), rows.select(list(model.column_names)))
+            if copied != rows.num_rows:  # never a short COPY
+                raise TargetRowsDifferError(_differs(model, rows.num_rows, copied, ()))
+            return copied
     except psycopg.errors.UniqueViolation:
         return None
 
